@@ -1,0 +1,235 @@
+"""Bearer tokens for the model (and, later, Google APIs).
+
+``GoogleTokens`` holds an Application Default Credentials token and refreshes it in the
+background when 75% of its lifetime has passed (15 minutes before expiry for Google's
+one-hour tokens). We read ``credentials.expiry`` ourselves rather than google-auth's
+``valid``: its fixed 3m45s threshold would call a five-minute token stale for most of its
+life. Refreshes run in a worker thread (google-auth is blocking), one at a time; requests
+take the cached token and only wait when no usable token is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+
+from .errors import ConfigError
+
+__all__ = [
+    "CLOUD_PLATFORM_SCOPE",
+    "GoogleTokens",
+    "NoTokens",
+    "StaticToken",
+    "TokenProvider",
+    "make_token_provider",
+]
+
+log = logging.getLogger("worker.auth")
+
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+# Share of a token's lifetime after which the background task refreshes it.
+REFRESH_AT_FRACTION = 0.75
+
+
+class TokenProvider(Protocol):
+    """Where bearer tokens come from. ``run_refresher`` runs for the life of the process."""
+
+    async def start(self) -> None: ...
+    async def token(self) -> str: ...
+    async def refresh_after_rejection(self, rejected: str) -> None: ...
+    async def run_refresher(self) -> None: ...
+
+
+class NoTokens:
+    """``--auth none``: no Authorization header at all."""
+
+    async def start(self) -> None:
+        return None
+
+    async def token(self) -> str:
+        return ""
+
+    async def refresh_after_rejection(self, rejected: str) -> None:
+        return None
+
+    async def run_refresher(self) -> None:
+        return None
+
+
+class StaticToken:
+    """``--auth api-key``: a key read once from the environment."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:  # never show the key
+        return "StaticToken(<redacted>)"
+
+    async def start(self) -> None:
+        return None
+
+    async def token(self) -> str:
+        return self._value
+
+    async def refresh_after_rejection(self, rejected: str) -> None:
+        return None
+
+    async def run_refresher(self) -> None:
+        return None
+
+
+def _expiry_epoch(expiry: datetime | None) -> float | None:
+    if expiry is None:
+        return None
+    # google-auth keeps naive UTC datetimes.
+    if expiry.tzinfo is None:
+        expiry = expiry.replace(tzinfo=UTC)
+    return expiry.timestamp()
+
+
+class GoogleTokens:
+    """Application Default Credentials with ahead-of-expiry, single-flight refresh."""
+
+    def __init__(self, scopes: tuple[str, ...] = (CLOUD_PLATFORM_SCOPE,)) -> None:
+        self._scopes = scopes
+        self._credentials: Any = None
+        self._request: Any = None
+        self._token: str | None = None
+        self._obtained_at = 0.0
+        self._expires_at: float | None = None
+        self._lock = anyio.Lock()
+        self._generation = 0
+        self._wake = anyio.Event()
+        self.project_id: str | None = None
+        self.refreshes = 0
+        self.refresh_failures = 0
+
+    def __repr__(self) -> str:
+        return f"GoogleTokens(expires_at={self._expires_at}, refreshes={self.refreshes})"
+
+    @property
+    def expires_at(self) -> float | None:
+        return self._expires_at
+
+    async def start(self) -> None:
+        await anyio.to_thread.run_sync(self._load_credentials)
+        await self._refresh(self._generation)
+
+    def _load_credentials(self) -> None:
+        import google.auth
+        import google.auth.exceptions
+        import google.auth.transport.requests
+
+        try:
+            credentials, project = google.auth.default(scopes=list(self._scopes))
+        except google.auth.exceptions.DefaultCredentialsError as exc:
+            raise ConfigError(
+                "model.auth", f"google: no Application Default Credentials ({exc})"
+            ) from None
+        self._credentials = credentials
+        self.project_id = project
+        self._request = google.auth.transport.requests.Request()
+
+    def _usable(self, now: float) -> bool:
+        if self._token is None:
+            return False
+        if self._expires_at is None:
+            return True
+        # Keep a small margin so a request is not sent with a token that dies in transit.
+        lifetime = self._expires_at - self._obtained_at
+        margin = min(10.0, 0.05 * lifetime)
+        return now < self._expires_at - margin
+
+    async def token(self) -> str:
+        if self._token is not None and self._usable(time.time()):
+            return self._token
+        await self._refresh(self._generation)
+        assert self._token is not None
+        return self._token
+
+    async def refresh_after_rejection(self, rejected: str) -> None:
+        # Only the first request that saw this token rejected pays for a refresh.
+        if rejected == self._token:
+            await self._refresh(self._generation)
+
+    async def _refresh(self, seen_generation: int) -> None:
+        # Single flight: whoever holds the lock refreshes; those queued behind it find a
+        # fresh token (a newer generation) and return without another round trip.
+        async with self._lock:
+            if self._generation != seen_generation and self._usable(time.time()):
+                return  # somebody else refreshed while we queued
+            started = time.time()
+            try:
+                await anyio.to_thread.run_sync(self._credentials.refresh, self._request)
+            except Exception as exc:
+                self.refresh_failures += 1
+                # The exception text can echo a response body; never log it whole.
+                log.warning("token_refresh_failed", extra={"error_type": type(exc).__name__})
+                raise
+            self._token = self._credentials.token
+            self._obtained_at = started
+            self._expires_at = _expiry_epoch(self._credentials.expiry)
+            self._generation += 1
+            self.refreshes += 1
+            log.info(
+                "token_refreshed",
+                extra={
+                    "expires_in_s": None
+                    if self._expires_at is None
+                    else round(self._expires_at - time.time(), 1)
+                },
+            )
+            self._wake.set()
+            self._wake = anyio.Event()
+
+    def _next_refresh_at(self) -> float | None:
+        if self._expires_at is None:
+            return None
+        lifetime = max(self._expires_at - self._obtained_at, 0.0)
+        return self._obtained_at + REFRESH_AT_FRACTION * lifetime
+
+    async def run_refresher(self) -> None:
+        """Refresh ahead of expiry until cancelled; start it in the root task group."""
+        failures = 0
+        while True:
+            due = self._next_refresh_at()
+            if due is None:
+                await self._wake.wait()
+                continue
+            delay = due - time.time()
+            if delay > 0:
+                wake = self._wake
+                with anyio.move_on_after(delay):
+                    await wake.wait()  # a refresh elsewhere moves the schedule
+                continue
+            try:
+                await self._refresh(self._generation)
+                failures = 0
+            except Exception:
+                failures += 1
+                backoff = min(30.0, 0.5 * 2 ** min(failures, 6))
+                if self._expires_at is not None:
+                    # Never sleep past the expiry of the token we still hold.
+                    backoff = min(backoff, max(0.2, (self._expires_at - time.time()) / 4))
+                await anyio.sleep(backoff)
+
+
+def make_token_provider(auth: str, api_key_env: str) -> TokenProvider:
+    if auth == "google":
+        return GoogleTokens()
+    if auth == "api-key":
+        value = os.environ.get(api_key_env, "")
+        if not value:
+            raise ConfigError(
+                "model.api_key_env", f"environment variable {api_key_env} is empty or unset"
+            )
+        return StaticToken(value)
+    if auth == "none":
+        return NoTokens()
+    raise ConfigError("model.auth", "must be one of google, api-key, none")

@@ -1,0 +1,172 @@
+"""Jobs and the records written for them.
+
+A job arrives as bytes (a line of a file, a Pub/Sub message's data, a push body) and is
+either a JSON object ``{"image_uri": ..., "id": ..., "prompt": ...}`` or a bare URI.
+Parsing never raises anything but :class:`~worker.errors.JobError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import JobError
+
+__all__ = [
+    "MAX_INPUT_ECHO_BYTES",
+    "MAX_JOB_BYTES",
+    "MAX_URI_BYTES",
+    "Job",
+    "error_record",
+    "fallback_id",
+    "parse_job",
+    "result_record",
+    "rfc3339_now",
+]
+
+MAX_JOB_BYTES = 65_536
+MAX_URI_BYTES = 2_048
+# Dead-letter records echo the raw job so a person can see what was sent, but not all of it.
+MAX_INPUT_ECHO_BYTES = 4_096
+
+_KNOWN_FIELDS = ("image_uri", "id", "prompt")
+
+
+@dataclass(slots=True, frozen=True)
+class Job:
+    id: str
+    image_uri: str
+    prompt: str | None
+    raw: bytes
+
+
+def _stable_id(*parts: str | bytes) -> str:
+    # Reruns must agree on the id of a job that carries none, or resume could not skip it.
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return "h-" + h.hexdigest()[:24]
+
+
+def fallback_id(raw: bytes, default_id: str | None = None) -> str:
+    """The id of a job that could not be parsed: the source's id, else a hash of the bytes."""
+    return default_id if default_id else _stable_id(raw)
+
+
+def _check_uri(uri: str) -> str:
+    if not uri:
+        raise JobError("invalid_image_uri", "image_uri is empty")
+    if len(uri.encode("utf-8", "surrogatepass")) > MAX_URI_BYTES:
+        raise JobError("invalid_image_uri", f"image_uri is longer than {MAX_URI_BYTES} bytes")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise JobError("invalid_image_uri", "image_uri contains control characters")
+    if uri != uri.strip():
+        raise JobError("invalid_image_uri", "image_uri has leading or trailing white space")
+    return uri
+
+
+def parse_job(raw: bytes, *, default_id: str | None = None) -> Job:
+    """Parse one job. ``default_id`` (e.g. a Pub/Sub messageId) wins over the hash fallback."""
+    if len(raw) > MAX_JOB_BYTES:
+        raise JobError("job_too_large", f"job is {len(raw)} bytes; the limit is {MAX_JOB_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobError("invalid_job", f"job is not UTF-8 text (byte {exc.start})") from None
+    text = text.strip()
+    if not text:
+        raise JobError("missing_image_uri", "job is empty")
+    if text[0] in '{["':
+        return _parse_json_job(text, raw, default_id)
+    uri = _check_uri(text)
+    if any(c.isspace() for c in uri):
+        raise JobError("invalid_image_uri", "a bare-URI job must be one URI without spaces")
+    return Job(id=default_id or _stable_id(uri, ""), image_uri=uri, prompt=None, raw=raw)
+
+
+def _parse_json_job(text: str, raw: bytes, default_id: str | None) -> Job:
+    try:
+        obj: Any = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise JobError("invalid_json", f"job is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise JobError("invalid_job", f"job must be a JSON object, not {type(obj).__name__}")
+    uri = obj.get("image_uri")
+    if uri is None:
+        raise JobError("missing_image_uri", "job has no image_uri")
+    if not isinstance(uri, str):
+        raise JobError("invalid_job", "image_uri must be a string")
+    _check_uri(uri)
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise JobError("invalid_job", "prompt must be a string")
+    if prompt is not None and not prompt.strip():
+        raise JobError("invalid_job", "prompt must not be blank")
+    job_id = obj.get("id")
+    if job_id is None:
+        job_id = default_id or _stable_id(uri, prompt or "")
+    elif isinstance(job_id, bool) or not isinstance(job_id, str | int):
+        raise JobError("invalid_job", "id must be a string or an integer")
+    else:
+        job_id = str(job_id)
+        if not job_id or len(job_id) > 512:
+            raise JobError("invalid_job", "id must be 1 to 512 characters")
+    return Job(id=job_id, image_uri=uri, prompt=prompt, raw=raw)
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_record(
+    job: Job,
+    *,
+    description: str,
+    model: str,
+    usage: dict[str, int] | None,
+    attempts: int,
+    started_at: float,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "id": job.id,
+        "image_uri": job.image_uri,
+        "status": "ok",
+        "description": description,
+        "model": model,
+        "usage": usage,
+        "attempts": attempts,
+        "latency_s": round(time.monotonic() - started_at, 4),
+        "finished_at": rfc3339_now(),
+    }
+    if source is not None:
+        rec["source"] = source
+    return rec
+
+
+def error_record(
+    *,
+    job_id: str,
+    image_uri: str | None,
+    error_type: str,
+    message: str,
+    attempts: int,
+    raw: bytes,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": job_id}
+    if image_uri is not None:
+        rec["image_uri"] = image_uri
+    rec["status"] = "error"
+    rec["error"] = {"type": error_type, "message": message}
+    rec["attempts"] = attempts
+    rec["input"] = raw[:MAX_INPUT_ECHO_BYTES].decode("utf-8", "replace")
+    rec["finished_at"] = rfc3339_now()
+    if source is not None:
+        rec["source"] = source
+    return rec

@@ -1,0 +1,348 @@
+"""source -> admission -> describe -> sink -> ack.
+
+The pipeline knows only the :mod:`worker.protocols`. Each job runs in its own task; at
+most ``jobs_in_flight`` are admitted from the source, and at most ``limiter.limit`` of
+them are talking to the model. A job's record is written (group-committed) and then the
+job is acked; that last step is shielded from cancellation, so a shutdown never leaves a
+record written but unacked, or acked but unwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import openai
+
+from .errors import JobError
+from .images import ImagePolicy
+from .jobs import Job, error_record, fallback_id, parse_job, result_record
+from .limits import Limiter
+from .model import Answer, EmptyAnswer, ModelClient
+from .protocols import Delivery, Record, Source
+from .retry import Kind, RetryBudget, call_with_retries, classify
+from .settings import RetrySettings
+from .sinks.batch import BatchWriter, SinkFailed
+
+__all__ = ["Pipeline", "RunStats"]
+
+log = logging.getLogger("worker.pipeline")
+
+
+@dataclass
+class RunStats:
+    received: int = 0
+    ok: int = 0
+    dead_lettered: int = 0
+    nacked: int = 0
+    skipped: int = 0
+    failed: int = 0  # could be put nowhere (sink down, non-redeliverable source)
+    retries: int = 0
+    rate_limited: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at or time.monotonic()) - self.started_at
+
+    def summary(self) -> dict[str, Any]:
+        done = self.ok + self.dead_lettered
+        secs = self.seconds
+        return {
+            "event": "run_summary",
+            "ok": self.ok,
+            "dead_lettered": self.dead_lettered,
+            "skipped": self.skipped,
+            "nacked": self.nacked,
+            "failed": self.failed,
+            "seconds": round(secs, 3),
+            "jobs_per_s": round(done / secs, 2) if secs > 0 else 0.0,
+        }
+
+
+@dataclass(slots=True)
+class _Outcome:
+    kind: Literal["ok", "dead", "retry", "skip"]
+    record: Record | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        source: Source,
+        results: BatchWriter,
+        dead_letter: BatchWriter,
+        model: ModelClient,
+        limiter: Limiter,
+        retry: RetrySettings,
+        images: ImagePolicy,
+        jobs_in_flight: int,
+        done_ids: set[str] | None = None,
+        on_model_result: Callable[[Kind | Literal["ok"], float], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.results = results
+        self.dead_letter = dead_letter
+        self.model = model
+        self.limiter = limiter
+        self.retry = retry
+        self.images = images
+        self.admission = Limiter(jobs_in_flight)
+        self.done_ids = done_ids or set()
+        self.stats = RunStats()
+        self._on_model_result = on_model_result
+        self._stop_reading = anyio.CancelScope()
+        self._jobs_scope: anyio.CancelScope | None = None
+
+    # -- control -------------------------------------------------------------------
+
+    def stop_reading(self) -> None:
+        """Take no more jobs from the source; those admitted carry on."""
+        self._stop_reading.cancel()
+
+    def abandon_in_flight(self) -> None:
+        """Cancel jobs still talking to the model; each is nacked (shielded)."""
+        self._stop_reading.cancel()
+        if self._jobs_scope is not None:
+            self._jobs_scope.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_use
+
+    # -- the run ---------------------------------------------------------------------
+
+    async def run(self) -> RunStats:
+        """Feed every job of the source through; return when all admitted jobs are done.
+
+        The sink writers must be running (``BatchWriter.run``) in an enclosing task group.
+        """
+        try:
+            async with anyio.create_task_group() as jobs:
+                self._jobs_scope = jobs.cancel_scope
+                with self._stop_reading:
+                    async for delivery in self.source.deliveries():
+                        await self.admission.acquire()
+                        self.stats.received += 1
+                        jobs.start_soon(self._handle, delivery)
+        finally:
+            self.stats.finished_at = time.monotonic()
+        return self.stats
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            try:
+                outcome = await self._process(delivery)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self._give_back(delivery)
+                raise
+            except Exception:
+                # A bug must cost one job, not the worker: hand it back or count it lost.
+                log.exception("job_crashed")
+                outcome = _Outcome("retry")
+            with anyio.CancelScope(shield=True):
+                await self._finish(delivery, outcome)
+        finally:
+            self.admission.release()
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        try:
+            await delivery.nack()
+        except Exception as exc:
+            log.warning("nack_failed", extra={"error_type": type(exc).__name__})
+        self.stats.nacked += 1
+
+    async def _process(self, delivery: Delivery) -> _Outcome:
+        started = time.monotonic()
+        try:
+            job = parse_job(delivery.data, default_id=delivery.default_id)
+        except JobError as exc:
+            job_id = fallback_id(delivery.data, delivery.default_id)
+            if job_id in self.done_ids:
+                return _Outcome("skip")
+            return self._dead(job_id, None, exc.type, exc.message, 0, delivery)
+        if job.id in self.done_ids:
+            return _Outcome("skip")
+        try:
+            url = await self.images.resolve(job.image_uri)
+        except JobError as exc:
+            return self._dead(job.id, job.image_uri, exc.type, exc.message, 0, delivery)
+        budget = RetryBudget(started_at=started)
+        try:
+            answer = await call_with_retries(
+                lambda: self._call_model(url, job.prompt),
+                self.retry,
+                budget,
+                on_retry=self._note_retry,
+            )
+        except EmptyAnswer as exc:
+            return self._dead(
+                job.id,
+                job.image_uri,
+                "model_rejected",
+                f"the model returned no text ({exc})",
+                budget.attempts,
+                delivery,
+            )
+        except Exception as exc:
+            return self._failed(job, exc, budget, delivery)
+        return _Outcome(
+            "ok",
+            result_record(
+                job,
+                description=answer.text,
+                model=answer.model,
+                usage=answer.usage,
+                attempts=budget.attempts,
+                started_at=started,
+                source=delivery.source_info,
+            ),
+        )
+
+    async def _call_model(self, url: str, prompt: str | None) -> Answer:
+        await self.limiter.acquire()
+        t0 = time.monotonic()
+        try:
+            answer = await self.model.describe(url, prompt)
+        except Exception as exc:
+            if self._on_model_result is not None:
+                self._on_model_result(classify(exc), time.monotonic() - t0)
+            raise
+        finally:
+            self.limiter.release()
+        if self._on_model_result is not None:
+            self._on_model_result("ok", time.monotonic() - t0)
+        return answer
+
+    def _note_retry(
+        self, exc: BaseException, kind: Kind, delay: float, budget: RetryBudget
+    ) -> None:
+        self.stats.retries += 1
+        if kind == "rate_limited":
+            self.stats.rate_limited += 1
+        log.debug(
+            "retry_scheduled",
+            extra={
+                "error_type": type(exc).__name__,
+                "attempt": budget.attempts,
+                "delay_s": round(delay, 3),
+            },
+        )
+
+    def _failed(
+        self, job: Job, exc: Exception, budget: RetryBudget, delivery: Delivery
+    ) -> _Outcome:
+        kind = classify(exc)
+        if kind == "permanent" and not isinstance(exc, openai.APIStatusError):
+            raise exc  # not an answer from the model: a bug, handled as a crashed job
+        if kind == "permanent":
+            status = getattr(exc, "status_code", None)
+            detail = _api_error_message(exc)
+            message = (
+                f"the model refused the request (HTTP {status}): {detail}"
+                if status
+                else f"{type(exc).__name__}: {detail}"
+            )
+            return self._dead(
+                job.id, job.image_uri, "model_rejected", message, budget.attempts, delivery
+            )
+        if delivery.redeliverable:
+            return _Outcome("retry")
+        message = f"gave up after {budget.attempts} attempts in {time.monotonic() - budget.started_at:.1f}s; last error: {type(exc).__name__}"
+        status = getattr(exc, "status_code", None)
+        if status:
+            message += f" (HTTP {status})"
+        return self._dead(
+            job.id, job.image_uri, "retries_exhausted", message, budget.attempts, delivery
+        )
+
+    def _dead(
+        self,
+        job_id: str,
+        uri: str | None,
+        type_: str,
+        message: str,
+        attempts: int,
+        delivery: Delivery,
+    ) -> _Outcome:
+        return _Outcome(
+            "dead",
+            error_record(
+                job_id=job_id,
+                image_uri=uri,
+                error_type=type_,
+                message=message,
+                attempts=attempts,
+                raw=delivery.data,
+                source=delivery.source_info,
+            ),
+        )
+
+    async def _finish(self, delivery: Delivery, outcome: _Outcome) -> None:
+        if outcome.kind == "skip":
+            self.stats.skipped += 1
+            await self._ack(delivery)
+            return
+        if outcome.kind == "retry":
+            if delivery.redeliverable:
+                await self._give_back(delivery)
+            else:
+                self.stats.failed += 1
+            return
+        assert outcome.record is not None
+        writer = self.results if outcome.kind == "ok" else self.dead_letter
+        try:
+            await writer.put(outcome.record)
+        except SinkFailed as exc:
+            log.error(
+                "sink_write_failed", extra={"job_id": outcome.record["id"], "error": str(exc)}
+            )
+            if delivery.redeliverable:
+                await self._give_back(delivery)
+            else:
+                self.stats.failed += 1
+            return
+        if outcome.kind == "ok":
+            self.stats.ok += 1
+        else:
+            self.stats.dead_lettered += 1
+            err = outcome.record["error"]
+            log.warning(
+                "job_dead_lettered",
+                extra={
+                    "job_id": outcome.record["id"],
+                    "error_type": err["type"],
+                    "reason": err["message"],
+                },
+            )
+        await self._ack(delivery)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        try:
+            await delivery.ack()
+        except Exception as exc:
+            # The record is durable; the queue will redeliver and the id dedupes it.
+            log.warning("ack_failed", extra={"error_type": type(exc).__name__})
+
+
+def _api_error_message(exc: Exception) -> str:
+    """A short, secret-free reason from an API error body (Vertex wraps it in a list)."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])[:500]
+        if isinstance(body.get("message"), str):
+            return str(body["message"])[:500]
+    if isinstance(exc, openai.APIError):
+        return exc.message[:500]
+    return str(exc)[:500]

@@ -1,0 +1,309 @@
+"""Settings: defaults < ``--config`` file < ``WORKER_<SECTION>__<KEY>`` env < CLI flags.
+
+Every key lives in one section dataclass below and is documented, with its default, in
+``config/default.toml``. :meth:`Settings.validate` runs at start-up, so a bad value stops
+the process before any job is touched (the CLI prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PROMPT",
+    "LogSettings",
+    "ModelSettings",
+    "RetrySettings",
+    "Settings",
+    "SimulatorSettings",
+    "WorkerSettings",
+    "load_settings",
+    "vertex_base_url",
+]
+
+DEFAULT_MODEL = "google/gemini-2.0-flash-001"
+DEFAULT_PROMPT = "Describe the following image:"
+ENV_PREFIX = "WORKER_"
+
+AUTH_MODES = ("google", "api-key", "none")
+IMAGE_URL_FORMS = ("string", "object")
+
+
+def vertex_base_url(project: str, location: str) -> str:
+    host = (
+        "aiplatform.googleapis.com"
+        if location == "global"
+        else f"{location}-aiplatform.googleapis.com"
+    )
+    return f"https://{host}/v1/projects/{project}/locations/{location}/endpoints/openapi"
+
+
+@dataclass
+class ModelSettings:
+    base_url: str = ""
+    project: str = ""
+    location: str = ""
+    model: str = DEFAULT_MODEL
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = 0
+    timeout_s: float = 120.0
+    auth: str = "google"
+    api_key_env: str = "OPENAI_API_KEY"
+    image_url_form: str = "string"
+
+    def validate(self) -> None:
+        _require(bool(self.model.strip()), "model.model", "must not be empty")
+        _require(bool(self.prompt.strip()), "model.prompt", "must not be empty")
+        _require(self.max_tokens >= 0, "model.max_tokens", "must be >= 0 (0 = not sent)")
+        _require(0 < self.timeout_s <= 3600, "model.timeout_s", "must be > 0 and <= 3600")
+        _require(self.auth in AUTH_MODES, "model.auth", f"must be one of {', '.join(AUTH_MODES)}")
+        _require(bool(self.api_key_env), "model.api_key_env", "must name an environment variable")
+        _require(
+            self.image_url_form in IMAGE_URL_FORMS,
+            "model.image_url_form",
+            f"must be one of {', '.join(IMAGE_URL_FORMS)}",
+        )
+        if self.base_url:
+            _require(
+                self.base_url.startswith(("http://", "https://")),
+                "model.base_url",
+                "must start with http:// or https://",
+            )
+
+    def resolved_base_url(self) -> str:
+        """The base URL in force: explicit, else Vertex AI's for project and location."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        project = self.project or os.environ.get("GOOGLE_CLOUD_PROJECT", "")
+        location = self.location or os.environ.get("GOOGLE_CLOUD_LOCATION", "")
+        if not project or not location:
+            raise ConfigError(
+                "model.base_url",
+                "not set: give --base-url, or --project and --location "
+                "(or GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION)",
+            )
+        return vertex_base_url(project, location)
+
+
+@dataclass
+class RetrySettings:
+    max_attempts: int = 8
+    deadline_s: float = 600.0
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def validate(self) -> None:
+        _require(1 <= self.max_attempts <= 100, "retry.max_attempts", "must be 1..100")
+        _require(0 < self.deadline_s <= 86_400, "retry.deadline_s", "must be > 0 and <= 86400")
+        _require(self.initial_backoff_s >= 0, "retry.initial_backoff_s", "must be >= 0")
+        _require(
+            self.max_backoff_s >= self.initial_backoff_s,
+            "retry.max_backoff_s",
+            "must be >= retry.initial_backoff_s",
+        )
+
+
+@dataclass
+class WorkerSettings:
+    source: str = "stdin:"
+    sink: str = "stdout:"
+    dead_letter: str = ""
+    # An int, or "auto" for the adaptive limiter bounded by min/max_concurrency.
+    concurrency: int | str = 32
+    min_concurrency: int = 1
+    max_concurrency: int = 256
+    # Jobs admitted from the source but not finished; 0 means twice the concurrency ceiling.
+    max_jobs_in_flight: int = 0
+    # Local files a job may name are read only below this directory ("" = working dir for
+    # file/stdin sources, nowhere for remote sources).
+    allow_file_root: str = ""
+
+    def validate(self) -> None:
+        _require(bool(self.source), "worker.source", "must not be empty")
+        _require(bool(self.sink), "worker.sink", "must not be empty")
+        if isinstance(self.concurrency, str):
+            text = self.concurrency.strip().lower()
+            if text.isdigit():
+                self.concurrency = int(text)
+            else:
+                _require(
+                    text == "auto", "worker.concurrency", "must be an integer 1..10000 or 'auto'"
+                )
+                self.concurrency = "auto"
+        if isinstance(self.concurrency, int):
+            _require(
+                1 <= self.concurrency <= 10_000,
+                "worker.concurrency",
+                "must be an integer 1..10000 or 'auto'",
+            )
+        _require(1 <= self.min_concurrency <= 10_000, "worker.min_concurrency", "must be 1..10000")
+        _require(
+            self.min_concurrency <= self.max_concurrency <= 10_000,
+            "worker.max_concurrency",
+            "must be >= worker.min_concurrency and <= 10000",
+        )
+        _require(self.max_jobs_in_flight >= 0, "worker.max_jobs_in_flight", "must be >= 0")
+
+    @property
+    def concurrency_ceiling(self) -> int:
+        return self.max_concurrency if self.concurrency == "auto" else int(self.concurrency)
+
+    @property
+    def jobs_in_flight_limit(self) -> int:
+        return self.max_jobs_in_flight or 2 * self.concurrency_ceiling
+
+
+@dataclass
+class SimulatorSettings:
+    """The bundled simulator, started in-process when ``embedded`` (local runs, demos)."""
+
+    embedded: bool = False
+    latency_ms: float = 0.0
+    latency_dist: str = "fixed"
+    rate_limit_rps: float = 0.0
+    error_rate: float = 0.0
+    reset_rate: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.latency_ms >= 0, "simulator.latency_ms", "must be >= 0")
+        _require(
+            self.latency_dist in ("fixed", "lognormal"),
+            "simulator.latency_dist",
+            "must be fixed or lognormal",
+        )
+        _require(
+            self.rate_limit_rps >= 0, "simulator.rate_limit_rps", "must be >= 0 (0 = no limit)"
+        )
+        _require(0 <= self.error_rate <= 1, "simulator.error_rate", "must be 0..1")
+        _require(0 <= self.reset_rate <= 1, "simulator.reset_rate", "must be 0..1")
+
+
+@dataclass
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"
+
+    def validate(self) -> None:
+        _require(
+            self.level.lower() in ("debug", "info", "warning", "error"),
+            "log.level",
+            "must be debug, info, warning or error",
+        )
+        self.level = self.level.lower()
+        _require(
+            self.format in ("auto", "json", "text"), "log.format", "must be auto, json or text"
+        )
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self) -> Settings:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set ``section.key`` from a file, env or flag value, coercing and checking its type."""
+        section_name, _, key = dotted.partition(".")
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ConfigError(dotted, f"unknown section {section_name!r}")
+        hints = typing.get_type_hints(type(section))
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(section))
+            raise ConfigError(dotted, f"unknown key (known keys: {known})")
+        setattr(section, key, _coerce(dotted, value, hints[key]))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in options:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in (
+                "1",
+                "true",
+                "yes",
+                "on",
+                "0",
+                "false",
+                "no",
+                "off",
+            ):
+                return value.lower() in ("1", "true", "yes", "on")
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+        elif kind is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif kind is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in options)
+    raise ConfigError(key, f"must be {names} (got {value!r})")
+
+
+def _apply_mapping(settings: Settings, data: Mapping[str, Any], origin: str) -> None:
+    for section, body in data.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(section, f"{origin}: expected a [{section}] table")
+        for key, value in body.items():
+            settings.set(f"{section}.{key}", value)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings. ``overrides`` are CLI flags as ``{"section.key": value}``."""
+    settings = Settings()
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        _apply_mapping(settings, data, str(path))
+    environ = os.environ if env is None else env
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, key = name[len(ENV_PREFIX) :].partition("__")
+            settings.set(f"{section.lower()}.{key.lower()}", value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            settings.set(dotted, value)
+    return settings.validate()

@@ -1,0 +1,928 @@
+"""A cheap, in-process imitation of Vertex AI's OpenAI-compatible chat completions endpoint.
+
+The simulator is an aiohttp server used by the test-suite, the local demo and the load
+tests.  It answers ``POST /v1/chat/completions`` (and the Vertex-style
+``/v1/projects/{project}/locations/{location}/endpoints/openapi/chat/completions`` path)
+with OpenAI ``ChatCompletion`` objects whose text is derived deterministically from the
+image, and it can inject the failure modes a real deployment shows: latency, rate limits
+(429 ``RESOURCE_EXHAUSTED``), concurrency limits, 5xx errors, connection resets and
+expired OAuth tokens.
+
+It is built to be cheap per request because it shares the machine with the worker under
+test during benchmarks: Pillow only runs for ``data:`` URLs, and decoded descriptions are
+cached by a hash of the URL string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import colorsys
+import contextlib
+import hashlib
+import io
+import json
+import math
+import random
+import socket
+import struct
+import sys
+import time
+import warnings
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+
+__all__ = [
+    "SimConfig",
+    "SimStats",
+    "Simulator",
+    "add_simulator_arguments",
+    "serve_simulator",
+    "sim_config_from_args",
+]
+
+_LATENCY_DISTS: Final = ("fixed", "lognormal")
+_ALLOWED_SCHEMES: Final = ("gs://", "https://", "http://", "data:")
+_DECODABLE_MIMES: Final = frozenset(
+    {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
+)
+_UNDECODED_MIMES: Final = frozenset({"image/heic", "image/heif"})
+_PILLOW_FORMATS: Final = ("PNG", "JPEG", "WEBP", "GIF")
+_TOKENS_PER_IMAGE: Final = 258
+_IMAGE_CACHE_SIZE: Final = 4096
+# data: URLs longer than this are decoded in a worker thread so the event loop stays live.
+_INLINE_DECODE_LIMIT: Final = 256 * 1024
+_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+_TOKEN_PRUNE_THRESHOLD: Final = 1024
+_TOKEN_PRUNE_AGE_S: Final = 3600.0
+
+_MSG_429: Final = (
+    "Resource exhausted. Please try again later. Please refer to "
+    "https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 for more details."
+)
+_MSG_401: Final = (
+    "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+    "login cookie or other valid authentication credential. See "
+    "https://developers.google.com/identity/sign-in/web/devconsole-project."
+)
+_MSG_500: Final = "Internal error encountered."
+_MSG_503: Final = "The service is currently unavailable."
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _error_body(code: int, status: str, message: str) -> bytes:
+    """Vertex wraps errors from the OpenAI-compatible endpoint in a JSON list."""
+    return _dumps([{"error": {"code": code, "message": message, "status": status}}])
+
+
+_BODY_429: Final = _error_body(429, "RESOURCE_EXHAUSTED", _MSG_429)
+_BODY_401: Final = _error_body(401, "UNAUTHENTICATED", _MSG_401)
+_BODY_500: Final = _error_body(500, "INTERNAL", _MSG_500)
+_BODY_503: Final = _error_body(503, "UNAVAILABLE", _MSG_503)
+_JSON: Final = "application/json"
+
+
+def _json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+def _bad_request(message: str) -> web.Response:
+    return _json_response(400, _error_body(400, "INVALID_ARGUMENT", message))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass
+class SimConfig:
+    """Behaviour of a :class:`Simulator`.  Mutable at runtime: every request re-reads it."""
+
+    latency_ms: float = 0.0
+    latency_dist: str = "fixed"
+    latency_sigma: float = 0.5
+    rate_limit_rps: float | None = None
+    rate_burst: float | None = None
+    retry_after_s: float | None = None
+    max_concurrency: int | None = None
+    error_rate: float = 0.0
+    reset_rate: float = 0.0
+    require_token: bool = False
+    static_token: str | None = None
+    seed: int | None = None
+    record_requests: int = 0
+
+    def __post_init__(self) -> None:
+        def finite_non_negative(name: str, value: object) -> None:
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"SimConfig.{name} must be a finite number >= 0, got {value!r}")
+
+        finite_non_negative("latency_ms", self.latency_ms)
+        if self.latency_dist not in _LATENCY_DISTS:
+            raise ValueError(
+                f"SimConfig.latency_dist must be one of {', '.join(_LATENCY_DISTS)}, "
+                f"got {self.latency_dist!r}"
+            )
+        finite_non_negative("latency_sigma", self.latency_sigma)
+        if self.rate_limit_rps is not None:
+            finite_non_negative("rate_limit_rps", self.rate_limit_rps)
+        if self.rate_burst is not None and (
+            not _is_number(self.rate_burst)
+            or not math.isfinite(self.rate_burst)
+            or self.rate_burst < 1
+        ):
+            raise ValueError(f"SimConfig.rate_burst must be a number >= 1, got {self.rate_burst!r}")
+        if self.retry_after_s is not None:
+            finite_non_negative("retry_after_s", self.retry_after_s)
+        if self.max_concurrency is not None and (
+            not isinstance(self.max_concurrency, int)
+            or isinstance(self.max_concurrency, bool)
+            or self.max_concurrency < 1
+        ):
+            raise ValueError(
+                f"SimConfig.max_concurrency must be an integer >= 1, got {self.max_concurrency!r}"
+            )
+        for name in ("error_rate", "reset_rate"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"SimConfig.{name} must be within [0, 1], got {value!r}")
+        if self.static_token is not None and (
+            not isinstance(self.static_token, str) or not self.static_token
+        ):
+            raise ValueError("SimConfig.static_token must be a non-empty string when given")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+        ):
+            raise ValueError(f"SimConfig.seed must be an integer, got {self.seed!r}")
+        if (
+            not isinstance(self.record_requests, int)
+            or isinstance(self.record_requests, bool)
+            or self.record_requests < 0
+        ):
+            raise ValueError(
+                f"SimConfig.record_requests must be an integer >= 0, got {self.record_requests!r}"
+            )
+
+
+@dataclass
+class SimStats:
+    """A snapshot of the simulator's counters."""
+
+    requests: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)  # resets are counted under 0
+    in_flight: int = 0
+    in_flight_max: int = 0
+    unique_images: int = 0  # distinct image_url strings answered with 200
+    expired_token_401: int = 0  # known token, but expired
+    missing_token_401: int = 0  # no ``Authorization: Bearer <token>`` header
+    invalid_token_401: int = 0  # a bearer token that was never accepted (or was revoked)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict; ``by_status`` keys become strings (as they must in JSON)."""
+        return {
+            "requests": self.requests,
+            "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "in_flight": self.in_flight,
+            "in_flight_max": self.in_flight_max,
+            "unique_images": self.unique_images,
+            "expired_token_401": self.expired_token_401,
+            "missing_token_401": self.missing_token_401,
+            "invalid_token_401": self.invalid_token_401,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SimStats:
+        """Inverse of :meth:`to_json` (e.g. for ``GET /stats`` answers)."""
+        return cls(
+            requests=int(data.get("requests", 0)),
+            by_status={int(k): int(v) for k, v in dict(data.get("by_status", {})).items()},
+            in_flight=int(data.get("in_flight", 0)),
+            in_flight_max=int(data.get("in_flight_max", 0)),
+            unique_images=int(data.get("unique_images", 0)),
+            expired_token_401=int(data.get("expired_token_401", 0)),
+            missing_token_401=int(data.get("missing_token_401", 0)),
+            invalid_token_401=int(data.get("invalid_token_401", 0)),
+        )
+
+
+class _Headers(dict[str, str]):
+    """A plain dict of header values keyed by lower-case name, looked up case-insensitively."""
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key.lower() if isinstance(key, str) else key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+
+@dataclass
+class RecordedRequest:
+    """One request as seen by the simulator (kept when ``record_requests > 0``)."""
+
+    path: str
+    body: Any  # the parsed JSON body, or None when it was not valid JSON
+    headers: dict[str, str]  # lower-case names; Authorization value replaced by "<redacted>"
+    authorized: bool
+
+
+# --------------------------------------------------------------------------- images
+
+
+_COLOUR_HUES: Final = (
+    (15.0, "red"),
+    (45.0, "orange"),
+    (70.0, "yellow"),
+    (165.0, "green"),
+    (195.0, "cyan"),
+    (255.0, "blue"),
+    (290.0, "purple"),
+    (335.0, "magenta"),
+    (360.0, "red"),
+)
+
+
+def _colour_name(rgb: tuple[int, int, int]) -> str:
+    r, g, b = (c / 255.0 for c in rgb)
+    hue, sat, val = colorsys.rgb_to_hsv(r, g, b)
+    if val < 0.18:
+        return "black"
+    if sat < 0.18:
+        if val > 0.88:
+            return "white"
+        return "grey"
+    degrees = hue * 360.0
+    for limit, name in _COLOUR_HUES:
+        if degrees < limit:
+            if name == "orange" and val < 0.6:
+                return "brown"
+            return name
+    return "red"
+
+
+def _describe_pixels(data: bytes, mime: str) -> tuple[bool, str]:
+    """Decode image bytes with Pillow; return (ok, description-or-error-message)."""
+    from PIL import Image  # imported lazily: only data: URLs need Pillow
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS) as img:
+                fmt = str(img.format)
+                width, height = img.size
+                img.draft("RGB", (64, 64))  # cheap JPEG downscale on decode; no-op otherwise
+                small = img.convert("RGB").resize((16, 16), Image.Resampling.NEAREST)
+    except Exception as exc:
+        return False, (
+            f"Provided image is not valid: could not decode {mime} data as "
+            f"PNG/JPEG/WEBP/GIF ({type(exc).__name__})."
+        )
+    counts: Counter[tuple[int, int, int]] = Counter()
+    for count, colour in small.getcolors(16 * 16) or ():
+        if isinstance(colour, tuple):
+            counts[(int(colour[0]), int(colour[1]), int(colour[2]))] += count
+    rgb = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0] if counts else (0, 0, 0)
+    hex_colour = "#{:02x}{:02x}{:02x}".format(*rgb)
+    return True, f"A {width}x{height} {fmt} image, mostly {_colour_name(rgb)} ({hex_colour})."
+
+
+def _parse_data_url(url: str) -> tuple[str, str, bytes | None]:
+    """Split ``data:<mime>;base64,<payload>``; return (error, mime, decoded bytes)."""
+    header, comma, payload = url[5:].partition(",")
+    if not comma:
+        return "Provided image is not valid: data URL has no ',' separator.", "", None
+    params = header.split(";")
+    mime = params[0].strip().lower()
+    if len(params) < 2 or params[-1].strip().lower() != "base64":
+        return (
+            "Provided image is not valid: data URL must have the form "
+            "data:<mime>;base64,<payload>.",
+            mime,
+            None,
+        )
+    if mime not in _DECODABLE_MIMES and mime not in _UNDECODED_MIMES:
+        return (
+            f"Provided image is not valid: unsupported MIME type {mime!r} "
+            "(expected image/png, image/jpeg, image/webp, image/gif, image/heic or image/heif).",
+            mime,
+            None,
+        )
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return "Provided image is not valid: the data URL payload is not valid base64.", mime, None
+    if not data:
+        return "Provided image is not valid: the data URL payload is empty.", mime, None
+    return "", mime, data
+
+
+def _describe_data_url(url: str) -> tuple[bool, str]:
+    error, mime, data = _parse_data_url(url)
+    if data is None:
+        return False, error
+    if mime in _UNDECODED_MIMES:
+        kind = "HEIF" if mime == "image/heif" else "HEIC"
+        ref = hashlib.blake2b(data, digest_size=3).hexdigest()
+        return True, f"A {kind} image of {len(data)} bytes (ref {ref})."
+    return _describe_pixels(data, mime)
+
+
+def _describe_uri(url: str, ref: str) -> str:
+    rest = url.split("://", 1)[-1]
+    rest = rest.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    name = rest.rsplit("/", 1)[-1] or "image"
+    return f"A simulated description of {name} (ref {ref})."
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+@dataclass(slots=True)
+class _ParsedRequest:
+    model: str
+    image_urls: list[str]
+    prompt_words: int
+    max_tokens: int | None
+
+
+def _image_url_of(part: dict[str, Any], where: str) -> str:
+    raw = part.get("image_url")
+    if isinstance(raw, dict):
+        raw = raw.get("url")
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(
+            f"{where}.image_url must be a URL string or an object with a non-empty string 'url'."
+        )
+    if not raw.startswith(_ALLOWED_SCHEMES):
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise ValueError(
+            f"{where}.image_url has an unsupported URL {shown!r}: "
+            "expected a gs://, https://, http:// or data: URL."
+        )
+    return raw
+
+
+def _parse_body(body: Any) -> _ParsedRequest:
+    """Validate a chat completions request body; raise ValueError with the problem."""
+    if not isinstance(body, dict):
+        raise ValueError("Invalid JSON payload received: the request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("'model' is required and must be a non-empty string.")
+    if body.get("stream"):
+        raise ValueError("'stream': true is not supported by the simulator.")
+    max_tokens: int | None = None
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"'{key}' must be a positive integer, got {value!r}.")
+        max_tokens = value if max_tokens is None else min(max_tokens, value)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' is required and must be a non-empty list.")
+
+    image_urls: list[str] = []
+    prompt_words = 0
+    has_user_text_and_image = False
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object.")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"{where}.role must be a non-empty string.")
+        content = message.get("content")
+        if isinstance(content, str):
+            prompt_words += len(content.split())
+            continue
+        if content is None and role != "user":
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"{where}.content must be a string or a list of content parts.")
+        texts = images = 0
+        for j, part in enumerate(content):
+            pwhere = f"{where}.content[{j}]"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError(f"{pwhere} must be an object with a string 'type'.")
+            kind = part["type"]
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError(f"{pwhere}.text must be a string.")
+                prompt_words += len(text.split())
+                texts += 1
+            elif kind == "image_url":
+                if role != "user":
+                    raise ValueError(f"{pwhere}: image parts are only allowed in user messages.")
+                image_urls.append(_image_url_of(part, pwhere))
+                images += 1
+        if role == "user" and texts and images:
+            has_user_text_and_image = True
+    if not has_user_text_and_image:
+        raise ValueError(
+            "A message with role 'user' whose content list has at least one "
+            "{'type': 'text'} part and one {'type': 'image_url'} part is required."
+        )
+    return _ParsedRequest(model, image_urls, prompt_words, max_tokens)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):  # wildcard binds are reached via loopback
+        return "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+class Simulator:
+    """An aiohttp server imitating Vertex AI's OpenAI-compatible chat completions API."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config: SimConfig = config if config is not None else SimConfig()
+        self.requests: deque[RecordedRequest] = deque(maxlen=self.config.record_requests)
+        self._rng = random.Random(self.config.seed)
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._host = "127.0.0.1"
+        self._tokens: dict[str, float] = {}
+        self._image_cache: dict[bytes, tuple[bool, str]] = {}
+        self._completion_id = 0
+        self._error_flip = 0
+        # token bucket (None -> full on next use)
+        self._bucket: float | None = None
+        self._bucket_ts = 0.0
+        # counters
+        self._requests = 0
+        self._by_status: Counter[int] = Counter()
+        self._in_flight = 0
+        self._in_flight_max = 0
+        self._unique_images: set[bytes] = set()
+        self._expired_401 = 0
+        self._missing_401 = 0
+        self._invalid_401 = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_post(
+            "/v1/projects/{project}/locations/{location}/endpoints/openapi/chat/completions",
+            self._handle_chat,
+        )
+        app.router.add_get("/stats", self._handle_stats)
+        app.router.add_post("/stats/reset", self._handle_stats_reset)
+        app.router.add_get("/healthz", self._handle_healthz)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Bind and start serving; ``port=0`` picks a free port (see :attr:`port`)."""
+        if self._runner is not None:
+            raise RuntimeError("Simulator is already started")
+        runner = web.AppRunner(
+            self._make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        addresses = runner.addresses
+        self._port = int(addresses[0][1]) if addresses else port
+        self._host = _url_host(host)
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("Simulator is not started")
+        return self._port
+
+    @property
+    def root_url(self) -> str:
+        """``http://HOST:PORT`` without a path (for /stats and /healthz)."""
+        return f"http://{self._host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL, ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.root_url}/v1"
+
+    def vertex_base_url(self, project: str = "sim-project", location: str = "us-central1") -> str:
+        """The Vertex-style base URL ending in ``/endpoints/openapi``."""
+        return f"{self.base_url}/projects/{project}/locations/{location}/endpoints/openapi"
+
+    # ---------------------------------------------------------------- tokens & stats
+
+    def accept_token(self, token: str, expires_at: float) -> None:
+        """Accept ``token`` until ``expires_at`` (``time.time()`` epoch seconds)."""
+        if len(self._tokens) >= _TOKEN_PRUNE_THRESHOLD:
+            horizon = time.time() - _TOKEN_PRUNE_AGE_S
+            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > horizon}
+        self._tokens[token] = float(expires_at)
+
+    def revoke_token(self, token: str) -> None:
+        self._tokens.pop(token, None)
+
+    def stats(self) -> SimStats:
+        return SimStats(
+            requests=self._requests,
+            by_status=dict(self._by_status),
+            in_flight=self._in_flight,
+            in_flight_max=self._in_flight_max,
+            unique_images=len(self._unique_images),
+            expired_token_401=self._expired_401,
+            missing_token_401=self._missing_401,
+            invalid_token_401=self._invalid_401,
+        )
+
+    def reset_stats(self) -> None:
+        """Zero the counters (requests still in flight stay counted in ``in_flight``)."""
+        self._requests = 0
+        self._by_status = Counter()
+        self._in_flight_max = self._in_flight
+        self._unique_images = set()
+        self._expired_401 = self._missing_401 = self._invalid_401 = 0
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_auth(self, request: web.Request, cfg: SimConfig) -> bool:
+        """True when authorised; counts the reason otherwise."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            self._missing_401 += 1
+            return False
+        if cfg.static_token is not None and token == cfg.static_token:
+            return True
+        expires_at = self._tokens.get(token)
+        if expires_at is None:
+            self._invalid_401 += 1
+            return False
+        if time.time() >= expires_at:
+            self._expired_401 += 1
+            return False
+        return True
+
+    def _take_rate_token(self, cfg: SimConfig) -> bool:
+        rate = cfg.rate_limit_rps
+        if rate is None:
+            self._bucket = None
+            return True
+        burst = cfg.rate_burst if cfg.rate_burst is not None else max(1.0, rate)
+        now = time.monotonic()
+        if self._bucket is None:
+            tokens = burst
+        else:
+            tokens = min(burst, self._bucket + (now - self._bucket_ts) * rate)
+        self._bucket_ts = now
+        if tokens >= 1.0:
+            self._bucket = tokens - 1.0
+            return True
+        self._bucket = tokens
+        return False
+
+    def _latency_s(self, cfg: SimConfig) -> float:
+        mean_ms = cfg.latency_ms
+        if mean_ms <= 0:
+            return 0.0
+        if cfg.latency_dist == "lognormal" and cfg.latency_sigma > 0:
+            sigma = cfg.latency_sigma
+            mu = math.log(mean_ms) - sigma * sigma / 2.0
+            return self._rng.lognormvariate(mu, sigma) / 1000.0
+        return mean_ms / 1000.0
+
+    def _record(self, request: web.Request, body: Any, cfg: SimConfig, authorized: bool) -> None:
+        if self.requests.maxlen != cfg.record_requests:
+            self.requests = deque(self.requests, maxlen=cfg.record_requests)
+        headers = _Headers()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            headers[lower] = "<redacted>" if lower == "authorization" else value
+        self.requests.append(RecordedRequest(request.path, body, headers, authorized))
+
+    async def _describe_image(self, url: str, key: bytes) -> tuple[bool, str]:
+        if not url.startswith("data:"):
+            return True, _describe_uri(url, key.hex()[:6])
+        cached = self._image_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(url) > _INLINE_DECODE_LIMIT:
+            result = await asyncio.to_thread(_describe_data_url, url)
+        else:
+            result = _describe_data_url(url)
+        while len(self._image_cache) >= _IMAGE_CACHE_SIZE:  # evict the oldest entries
+            del self._image_cache[next(iter(self._image_cache))]
+        self._image_cache[key] = result
+        return result
+
+    def _retry_headers(self, cfg: SimConfig) -> dict[str, str] | None:
+        if cfg.retry_after_s is None:
+            return None
+        return {
+            "Retry-After": str(math.ceil(cfg.retry_after_s)),
+            "retry-after-ms": str(round(cfg.retry_after_s * 1000)),
+        }
+
+    @staticmethod
+    def _abort(request: web.Request) -> None:
+        """Close the connection abruptly (RST) without writing a response."""
+        transport = request.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    # ---------------------------------------------------------------- handlers
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config
+        self._requests += 1
+        self._in_flight += 1
+        if self._in_flight > self._in_flight_max:
+            self._in_flight_max = self._in_flight
+        status = 500
+        try:
+            response = await self._answer_chat(request, cfg)
+            if response is None:
+                status = 0
+                # The transport is already aborted: aiohttp's attempt to write this is
+                # treated as a client disconnect and dropped quietly.
+                return web.Response(status=204)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # server shut down mid-request
+            raise
+        finally:
+            self._in_flight -= 1
+            self._by_status[status] += 1
+
+    async def _answer_chat(self, request: web.Request, cfg: SimConfig) -> web.Response | None:
+        # 2. authentication
+        authorized = True if not cfg.require_token else self._check_auth(request, cfg)
+        body: Any = None
+        body_read = False
+        if cfg.record_requests > 0:
+            body, body_read = await self._read_json(request), True
+            self._record(request, body, cfg, authorized)
+        if not authorized:
+            return _json_response(401, _BODY_401)
+
+        # 3. connection resets
+        if cfg.reset_rate > 0 and self._rng.random() < cfg.reset_rate:
+            self._abort(request)
+            return None
+
+        # 4. concurrency and rate limits, answered at once
+        if (cfg.max_concurrency is not None and self._in_flight > cfg.max_concurrency) or (
+            not self._take_rate_token(cfg)
+        ):
+            return _json_response(429, _BODY_429, self._retry_headers(cfg))
+
+        # 5. injected server errors (after the latency)
+        if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
+            await self._sleep(cfg)
+            self._error_flip ^= 1
+            if self._error_flip:
+                return _json_response(500, _BODY_500)
+            return _json_response(503, _BODY_503)
+
+        # 6. validation
+        if not body_read:
+            body = await self._read_json(request)
+        if body is None:
+            return _bad_request("Invalid JSON payload received: the body is not valid JSON.")
+        try:
+            parsed = _parse_body(body)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        descriptions: list[str] = []
+        keys: list[bytes] = []
+        for url in parsed.image_urls:
+            key = hashlib.blake2b(url.encode(), digest_size=16).digest()
+            ok, text = await self._describe_image(url, key)
+            if not ok:
+                return _bad_request(text)
+            descriptions.append(text)
+            keys.append(key)
+
+        # 7. latency
+        await self._sleep(cfg)
+
+        # 8. the completion
+        self._unique_images.update(keys)
+        answer = " ".join(descriptions)
+        words = answer.split()
+        finish_reason = "stop"
+        if parsed.max_tokens is not None and parsed.max_tokens < len(words):
+            words = words[: parsed.max_tokens]
+            answer = " ".join(words)
+            finish_reason = "length"
+        prompt_tokens = parsed.prompt_words + _TOKENS_PER_IMAGE * len(parsed.image_urls)
+        self._completion_id += 1
+        completion = {
+            "id": f"chatcmpl-sim-{self._completion_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": parsed.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(words),
+                "total_tokens": prompt_tokens + len(words),
+            },
+        }
+        return _json_response(200, _dumps(completion))
+
+    async def _sleep(self, cfg: SimConfig) -> None:
+        delay = self._latency_s(cfg)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _read_json(request: web.Request) -> Any:
+        """The parsed JSON body, or None when it is missing or malformed."""
+        try:
+            raw = await request.read()
+            return json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return _json_response(200, _dumps(self.stats().to_json()))
+
+    async def _handle_stats_reset(self, request: web.Request) -> web.Response:
+        self.reset_stats()
+        return _json_response(200, _dumps(self.stats().to_json()))
+
+    async def _handle_healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's flags; every ``dest`` is prefixed ``sim_``."""
+    group = parser.add_argument_group("simulator")
+    group.add_argument(
+        "--latency-ms",
+        dest="sim_latency_ms",
+        type=float,
+        default=0.0,
+        help="mean latency added before answering, in milliseconds (default 0)",
+    )
+    group.add_argument(
+        "--latency-dist",
+        dest="sim_latency_dist",
+        choices=_LATENCY_DISTS,
+        default="fixed",
+        help="latency distribution (default fixed)",
+    )
+    group.add_argument(
+        "--latency-sigma",
+        dest="sim_latency_sigma",
+        type=float,
+        default=0.5,
+        help="shape of the lognormal latency distribution (default 0.5)",
+    )
+    group.add_argument(
+        "--rate-limit-rps",
+        dest="sim_rate_limit_rps",
+        type=float,
+        default=None,
+        help="token-bucket rate limit in requests per second; excess requests get 429",
+    )
+    group.add_argument(
+        "--rate-burst",
+        dest="sim_rate_burst",
+        type=float,
+        default=None,
+        help="token-bucket size (default max(1, rate))",
+    )
+    group.add_argument(
+        "--retry-after-s",
+        dest="sim_retry_after_s",
+        type=float,
+        default=None,
+        help="send Retry-After and retry-after-ms headers with 429 answers",
+    )
+    group.add_argument(
+        "--max-concurrency",
+        dest="sim_max_concurrency",
+        type=int,
+        default=None,
+        help="requests in flight above this get 429 RESOURCE_EXHAUSTED",
+    )
+    group.add_argument(
+        "--error-rate",
+        dest="sim_error_rate",
+        type=float,
+        default=0.0,
+        help="share of requests answered 500/503 (0..1)",
+    )
+    group.add_argument(
+        "--reset-rate",
+        dest="sim_reset_rate",
+        type=float,
+        default=0.0,
+        help="share of requests whose connection is reset without an answer (0..1)",
+    )
+    group.add_argument(
+        "--require-token",
+        dest="sim_require_token",
+        metavar="TOKEN",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN'",
+    )
+    group.add_argument(
+        "--seed",
+        dest="sim_seed",
+        type=int,
+        default=None,
+        help="seed for the simulator's random choices",
+    )
+
+
+def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
+    """Build a :class:`SimConfig` from flags added by :func:`add_simulator_arguments`."""
+
+    def arg(name: str, default: Any) -> Any:
+        value = getattr(ns, f"sim_{name}", None)
+        return default if value is None else value
+
+    token = getattr(ns, "sim_require_token", None)
+    return SimConfig(
+        latency_ms=arg("latency_ms", 0.0),
+        latency_dist=arg("latency_dist", "fixed"),
+        latency_sigma=arg("latency_sigma", 0.5),
+        rate_limit_rps=getattr(ns, "sim_rate_limit_rps", None),
+        rate_burst=getattr(ns, "sim_rate_burst", None),
+        retry_after_s=getattr(ns, "sim_retry_after_s", None),
+        max_concurrency=getattr(ns, "sim_max_concurrency", None),
+        error_rate=arg("error_rate", 0.0),
+        reset_rate=arg("reset_rate", 0.0),
+        require_token=token is not None,
+        static_token=token,
+        seed=getattr(ns, "sim_seed", None),
+    )
+
+
+async def serve_simulator(config: SimConfig, host: str, port: int) -> None:
+    """Run a simulator until cancelled, announcing its address on stderr."""
+    sim = Simulator(config)
+    await sim.start(host, port)
+    try:
+        print(f"simulator listening on http://{host}:{sim.port}/v1", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()

@@ -1,0 +1,77 @@
+"""Group commit: many jobs' records share one sink write (one fsync, one publish).
+
+Jobs call :meth:`BatchWriter.put` and wait; a single writer task takes everything pending,
+writes it, and wakes the waiters. While one write is under way the next batch gathers, so
+batches grow with load and no timer is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import anyio
+
+from ..protocols import Record, Sink
+
+__all__ = ["BatchWriter", "SinkFailed"]
+
+
+class SinkFailed(Exception):
+    """The sink could not store a batch; the jobs in it are not done."""
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        max_batch: int = 1000,
+        on_write: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.max_batch = max_batch
+        self._pending: list[tuple[Record, asyncio.Future[None]]] = []
+        self._wakeup = anyio.Event()
+        self._on_write = on_write
+        self.batches = 0
+        self.records = 0
+
+    async def put(self, record: Record) -> None:
+        """Return once ``record`` is durable; raise :class:`SinkFailed` if it is not."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, future))
+        self._wakeup.set()
+        await future
+
+    async def run(self) -> None:
+        """The writer task; runs until cancelled, and finishes a batch it has started."""
+        while True:
+            if not self._pending:
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            # Once taken, a batch is written even if we are being cancelled: the jobs in it
+            # are waiting on this write to ack.
+            with anyio.CancelScope(shield=True):
+                await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
+        started = time.perf_counter()
+        try:
+            await self.sink.write([record for record, _ in batch])
+        except Exception as exc:
+            error = SinkFailed(f"{self.sink.name}: {type(exc).__name__}: {exc}")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.batches += 1
+        self.records += len(batch)
+        if self._on_write is not None:
+            self._on_write(len(batch), time.perf_counter() - started)
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)

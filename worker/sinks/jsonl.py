@@ -1,0 +1,76 @@
+"""Append JSON lines to a file; a batch is durable once flushed and fsynced."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio.to_thread
+
+from ..protocols import Record
+
+__all__ = ["JsonlSink", "encode_records", "read_ids"]
+
+
+def encode_records(records: Sequence[Record]) -> bytes:
+    return b"".join(
+        json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in records
+    )
+
+
+def read_ids(path: Path) -> set[str]:
+    """Ids in an existing JSONL file. A torn last line (a crash mid-write) is ignored."""
+    ids: set[str] = set()
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return ids
+    with handle:
+        for line in handle:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                ids.add(rec["id"])
+    return ids
+
+
+class JsonlSink:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.name = f"jsonl:{path}"
+        self._handle: BinaryIO | None = None
+
+    def _open(self) -> BinaryIO:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("ab")
+        # A crash can leave a torn last line; start ours on a fresh line so it stays whole.
+        if handle.tell() > 0:
+            with self.path.open("rb") as check:
+                check.seek(-1, os.SEEK_END)
+                if check.read(1) != b"\n":
+                    handle.write(b"\n")
+        return handle
+
+    def _write(self, data: bytes) -> None:
+        if self._handle is None:
+            self._handle = self._open()
+        self._handle.write(data)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    async def write(self, records: Sequence[Record]) -> None:
+        data = encode_records(records)
+        await anyio.to_thread.run_sync(self._write, data)
+
+    async def existing_ids(self) -> set[str]:
+        return await anyio.to_thread.run_sync(read_ids, self.path)
+
+    async def aclose(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            await anyio.to_thread.run_sync(handle.close)
