@@ -34,7 +34,10 @@ def main() -> None:
         draw = ImageDraw.Draw(img)
         # A small contrasting mark so the images are not flat fills.
         w, h = size
-        draw.rectangle((w // 4, h // 4, w // 4 + max(2, w // 10), h // 4 + max(2, h // 10)), fill=(250, 250, 250))
+        draw.rectangle(
+            (w // 4, h // 4, w // 4 + max(2, w // 10), h // 4 + max(2, h // 10)),
+            fill=(250, 250, 250),
+        )
         img.save(IMAGES / name, fmt)
         job: dict[str, str] = {"id": f"sample-{i + 1:02d}", "image_uri": f"examples/images/{name}"}
         if i == 2:

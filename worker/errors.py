@@ -34,12 +34,14 @@ ERROR_TYPES = frozenset(
 class JobError(Exception):
     """A permanent, per-job failure with a documented type and an actionable message."""
 
-    def __init__(self, type_: str, message: str) -> None:
+    def __init__(self, type_: str, message: str, *, job_id: str | None = None) -> None:
         if type_ not in ERROR_TYPES:  # a programming error, not a job error
             raise ValueError(f"undocumented error type {type_!r}")
         super().__init__(message)
         self.type = type_
         self.message = message
+        #: The job's own id when it could be read before the job was found wanting.
+        self.job_id = job_id
 
     def as_dict(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message}

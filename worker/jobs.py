@@ -96,27 +96,35 @@ def _parse_json_job(text: str, raw: bytes, default_id: str | None) -> Job:
         raise JobError("invalid_json", f"job is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise JobError("invalid_job", f"job must be a JSON object, not {type(obj).__name__}")
-    uri = obj.get("image_uri")
-    if uri is None:
-        raise JobError("missing_image_uri", "job has no image_uri")
-    if not isinstance(uri, str):
-        raise JobError("invalid_job", "image_uri must be a string")
-    _check_uri(uri)
-    prompt = obj.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise JobError("invalid_job", "prompt must be a string")
-    if prompt is not None and not prompt.strip():
-        raise JobError("invalid_job", "prompt must not be blank")
     job_id = obj.get("id")
-    if job_id is None:
-        job_id = default_id or _stable_id(uri, prompt or "")
-    elif isinstance(job_id, bool) or not isinstance(job_id, str | int):
-        raise JobError("invalid_job", "id must be a string or an integer")
-    else:
+    if job_id is not None:
+        if isinstance(job_id, bool) or not isinstance(job_id, str | int):
+            raise JobError("invalid_job", "id must be a string or an integer")
         job_id = str(job_id)
-        if not job_id or len(job_id) > 512:
-            raise JobError("invalid_job", "id must be 1 to 512 characters")
-    return Job(id=job_id, image_uri=uri, prompt=prompt, raw=raw)
+        if not job_id or len(job_id) > 512 or not job_id.isprintable():
+            raise JobError("invalid_job", "id must be 1 to 512 printable characters")
+    try:
+        uri = obj.get("image_uri")
+        if uri is None:
+            raise JobError("missing_image_uri", "job has no image_uri")
+        if not isinstance(uri, str):
+            raise JobError("invalid_job", "image_uri must be a string")
+        _check_uri(uri)
+        prompt = obj.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise JobError("invalid_job", "prompt must be a string")
+        if prompt is not None and not prompt.strip():
+            raise JobError("invalid_job", "prompt must not be blank")
+    except JobError as exc:
+        # Dead-letter records keep the job's own id, so the sender can match them up.
+        exc.job_id = job_id or default_id
+        raise
+    return Job(
+        id=job_id or default_id or _stable_id(uri, prompt or ""),
+        image_uri=uri,
+        prompt=prompt,
+        raw=raw,
+    )
 
 
 def rfc3339_now() -> str:

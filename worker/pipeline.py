@@ -164,7 +164,7 @@ class Pipeline:
         try:
             job = parse_job(delivery.data, default_id=delivery.default_id)
         except JobError as exc:
-            job_id = fallback_id(delivery.data, delivery.default_id)
+            job_id = exc.job_id or fallback_id(delivery.data, delivery.default_id)
             if job_id in self.done_ids:
                 return _Outcome("skip")
             return self._dead(job_id, None, exc.type, exc.message, 0, delivery)

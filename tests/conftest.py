@@ -1,0 +1,87 @@
+"""Shared fixtures: real servers on 127.0.0.1 and a factory for in-process runs.
+
+google-auth reads GCE_METADATA_HOST when it is first imported, so the fake metadata
+server's port is reserved here, before anything imports google.auth, and every test that
+needs it starts the server on that port. ADC must find nothing else on this machine:
+no key file, no gcloud user credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _reserve_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+METADATA_PORT = _reserve_port()
+os.environ["GCE_METADATA_HOST"] = f"127.0.0.1:{METADATA_PORT}"
+os.environ["GCE_METADATA_IP"] = f"127.0.0.1:{METADATA_PORT}"
+os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+os.environ.pop("NO_GCE_CHECK", None)
+os.environ["CLOUDSDK_CONFIG"] = tempfile.mkdtemp(prefix="worker-tests-gcloud-")
+# Settings read WORKER_* from the environment; a developer's shell must not leak in.
+for _name in [n for n in os.environ if n.startswith("WORKER_")]:
+    del os.environ[_name]
+
+from worker.settings import Settings  # noqa: E402
+from worker.simulator import SimConfig, Simulator  # noqa: E402
+
+from .fakes.metadata_server import MetadataServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "images"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    simulator = Simulator(SimConfig(record_requests=2000))
+    await simulator.start("127.0.0.1", 0)
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+
+
+@pytest.fixture
+async def metadata() -> AsyncIterator[MetadataServer]:
+    server = MetadataServer(token_ttl_s=3600.0)
+    await server.start("127.0.0.1", METADATA_PORT)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def fast_settings(sim: Simulator, tmp_path: Path) -> Iterator[Settings]:
+    """Settings pointed at the simulator, with retries that wait milliseconds, not seconds."""
+    s = Settings()
+    s.model.base_url = sim.base_url
+    s.model.auth = "none"
+    s.model.timeout_s = 10.0
+    s.retry.initial_backoff_s = 0.005
+    s.retry.max_backoff_s = 0.02
+    s.retry.deadline_s = 20.0
+    s.worker.concurrency = 8
+    s.worker.sink = f"jsonl:{tmp_path / 'out' / 'results.jsonl'}"
+    s.worker.allow_file_root = str(REPO)
+    return s.validate()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""Loopback fixture servers that imitate Google services (GCE metadata server, Pub/Sub REST)."""

@@ -1,0 +1,241 @@
+"""The fixed command-line interface, driven as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import load_settings
+from worker.simulator import Simulator
+
+from .conftest import REPO, read_jsonl
+
+SEED_URI = "gs://cloud-samples-data/generative-ai/image/scones.jpg"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def _worker(*args: str, cwd: Path = REPO, check: bool = False) -> anyio.abc.Process | object:
+    return await anyio.run_process(
+        [sys.executable, "-m", "worker", *args], cwd=cwd, env=_env(), check=check
+    )
+
+
+async def test_describe_sends_exactly_the_seed_request(sim: Simulator) -> None:
+    proc = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "describe",
+            SEED_URI,
+            "--base-url",
+            sim.vertex_base_url("p", "us-central1"),
+            "--auth",
+            "none",
+        ],
+        env=_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(sim.requests) == 1
+    req = sim.requests[0]
+    assert req.path == "/v1/projects/p/locations/us-central1/endpoints/openapi/chat/completions"
+    assert req.body == {
+        "model": "google/gemini-2.0-flash-001",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe the following image:"},
+                    {"type": "image_url", "image_url": SEED_URI},
+                ],
+            }
+        ],
+    }
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1  # stdout carries results only
+    record = json.loads(lines[0])
+    assert record["status"] == "ok"
+    assert record["image_uri"] == SEED_URI
+    assert "scones.jpg" in record["description"]
+
+
+async def test_describe_exits_1_when_an_image_fails(sim: Simulator) -> None:
+    proc = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "describe",
+            SEED_URI,
+            "ftp://x/y.png",
+            "--base-url",
+            sim.base_url,
+            "--auth",
+            "none",
+            "--prompt",
+            "What is this?",
+        ],
+        env=_env(),
+        check=False,
+    )
+    assert proc.returncode == 1
+    records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert sorted(r["status"] for r in records) == ["error", "ok"]
+    assert sim.requests[0].body["messages"][0]["content"][0]["text"] == "What is this?"
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--concurrency", "lots"], "worker.concurrency"),
+        (["--timeout-s", "-1"], "model.timeout_s"),
+        (["--sink", "s3:bucket"], "worker.sink"),
+        (["--source", "nowhere"], "worker.source"),
+        (["--base-url", "ftp://x"], "model.base_url"),
+    ],
+)
+async def test_bad_settings_exit_2_with_one_line_naming_the_key(args: list[str], key: str) -> None:
+    proc = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            "--auth",
+            "none",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            *args,
+        ],
+        env=_env(),
+        check=False,
+    )
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+
+
+async def test_bad_env_value_exits_2() -> None:
+    env = _env() | {"WORKER_RETRY__MAX_ATTEMPTS": "zero"}
+    proc = await anyio.run_process(
+        [sys.executable, "-m", "worker", "run", "--base-url", "http://127.0.0.1:9/v1"],
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "retry.max_attempts" in proc.stderr.decode()
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[worker]\nconcurrency = 10\nsink = "jsonl:a.jsonl"\n[model]\nmodel = "file-model"\n'
+    )
+    env = {"WORKER_WORKER__CONCURRENCY": "20", "WORKER_MODEL__PROMPT": "env prompt"}
+
+    s = load_settings(cfg, env=env, overrides={"worker.concurrency": "30"})
+
+    assert s.worker.concurrency == 30  # flag > env > file
+    assert s.model.prompt == "env prompt"  # env > default
+    assert s.model.model == "file-model"  # file > default
+    assert s.worker.sink == "jsonl:a.jsonl"
+    assert s.retry.max_attempts == 8  # default
+    assert load_settings(cfg, env=env).worker.concurrency == 20
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[worker]\nconcurency = 10\n")
+    with pytest.raises(ConfigError, match=r"worker\.concurency: unknown key"):
+        load_settings(cfg, env={})
+
+
+def test_default_toml_documents_every_key() -> None:
+    import dataclasses
+    import tomllib
+
+    from worker.settings import Settings
+
+    documented = tomllib.loads((REPO / "config" / "default.toml").read_text())
+    defaults = Settings()
+    for section in dataclasses.fields(defaults):
+        body = getattr(defaults, section.name)
+        for f in dataclasses.fields(body):
+            assert documented[section.name][f.name] == getattr(body, f.name), (
+                f"{section.name}.{f.name}"
+            )
+    for name in ("local", "vertex", "default"):
+        load_settings(REPO / "config" / f"{name}.toml", env={})
+
+
+async def test_make_run_configuration_describes_every_bundled_job(tmp_path: Path) -> None:
+    sink = tmp_path / "results.jsonl"
+    proc = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            "--config",
+            "config/local.toml",
+            "--sink",
+            f"jsonl:{sink}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    jobs = (REPO / "examples" / "jobs.jsonl").read_text().splitlines()
+    results = read_jsonl(sink)
+    assert len(results) == len(jobs)
+    assert all(r["status"] == "ok" and " image, mostly " in r["description"] for r in results)
+    assert proc.stdout == b""
+    assert "done: 9 ok, 0 dead-lettered" in proc.stderr.decode()
+
+
+async def test_sigkill_mid_run_then_rerun_finishes_every_job_exactly_once(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    sim.config.latency_ms = 20.0
+    jobs = tmp_path / "jobs.jsonl"
+    n = 400
+    jobs.write_text(
+        "".join(
+            json.dumps({"id": f"k{i}", "image_uri": f"gs://b/{i}.jpg"}) + "\n" for i in range(n)
+        )
+    )
+    sink = tmp_path / "out" / "results.jsonl"
+    cmd = [
+        sys.executable, "-m", "worker", "run", "--source", f"file:{jobs}", "--sink", f"jsonl:{sink}",
+        "--base-url", sim.base_url, "--auth", "none", "--concurrency", "4",
+    ]  # fmt: skip
+
+    async with await anyio.open_process(cmd, env=_env()) as proc:
+        with anyio.fail_after(20):
+            while (sink.read_bytes().count(b"\n") if sink.exists() else 0) < n // 4:
+                await anyio.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    partial = len(read_jsonl(sink))
+    assert 0 < partial < n
+
+    again = await anyio.run_process(cmd, env=_env(), check=False)
+
+    assert again.returncode == 0, again.stderr.decode()
+    ids = [r["id"] for r in read_jsonl(sink)]
+    assert sorted(ids) == sorted(f"k{i}" for i in range(n))  # all there, none twice
+    assert "skipped" in again.stderr.decode()

@@ -1,0 +1,208 @@
+"""The whole path with real parts: file source -> pipeline -> real AsyncOpenAI -> simulator
+-> JSONL sinks. Retries are made fast by settings, not by patching."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from worker.app import run_worker
+from worker.settings import Settings
+from worker.simulator import Simulator
+
+from .conftest import EXAMPLES, read_jsonl
+
+
+def _write_jobs(tmp_path: Path, lines: list[str]) -> str:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return f"file:{path}"
+
+
+def _outputs(settings: Settings) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    results = Path(settings.worker.sink.removeprefix("jsonl:"))
+    dead = results.with_name("results.dead-letter.jsonl")
+    return read_jsonl(results), read_jsonl(dead)
+
+
+def _gs_jobs(n: int) -> list[str]:
+    return [
+        json.dumps({"id": f"job-{i}", "image_uri": f"gs://bucket/img-{i}.jpg"}) for i in range(n)
+    ]
+
+
+async def test_happy_path_describes_every_job_from_its_content(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    lines = [json.dumps({"id": p.stem, "image_uri": str(p)}) for p in sorted(EXAMPLES.iterdir())]
+    lines += _gs_jobs(20)
+    fast_settings.worker.source = _write_jobs(tmp_path, lines)
+
+    stats = await run_worker(fast_settings)
+
+    results, dead = _outputs(fast_settings)
+    assert dead == []
+    assert stats.ok == len(lines) == len(results)
+    by_id = {r["id"]: r for r in results}
+    red = by_id["red-square"]
+    assert red["status"] == "ok"
+    assert "64x64 PNG" in str(red["description"])
+    assert "red" in str(red["description"])
+    assert red["model"] == "google/gemini-2.0-flash-001"
+    assert red["attempts"] == 1
+    assert set(red["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}  # type: ignore[arg-type]
+    assert str(red["finished_at"]).endswith("Z")
+    # Local files were inlined as data: URLs with the type sniffed from the bytes.
+    sent = [r.body["messages"][0]["content"][1]["image_url"] for r in sim.requests]
+    assert any(u.startswith("data:image/webp;base64,") for u in sent)
+    assert any(u.startswith("data:image/gif;base64,") for u in sent)
+
+
+async def test_transient_errors_and_resets_are_retried_to_success(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    sim.config.error_rate = 0.3
+    sim.config.reset_rate = 0.15
+    sim.config.seed = 7
+    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(60))
+
+    stats = await run_worker(fast_settings)
+
+    results, dead = _outputs(fast_settings)
+    assert dead == []
+    assert len(results) == 60
+    assert stats.ok == 60
+    by_status = sim.stats().by_status
+    assert by_status.get(500, 0) + by_status.get(503, 0) > 0
+    assert by_status.get(0, 0) > 0  # resets happened and were survived
+    assert max(int(r["attempts"]) for r in results) > 1  # type: ignore[call-overload]
+
+
+async def test_429_waits_without_using_attempts(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    sim.config.rate_limit_rps = 40.0
+    sim.config.rate_burst = 1.0
+    sim.config.retry_after_s = 0.02
+    fast_settings.retry.max_attempts = 1  # a 429 must not count as one
+    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(30))
+
+    stats = await run_worker(fast_settings)
+
+    results, dead = _outputs(fast_settings)
+    assert dead == []
+    assert len(results) == 30
+    assert sim.stats().by_status.get(429, 0) > 0
+    assert stats.rate_limited > 0
+    assert max(int(r["attempts"]) for r in results) > 1  # type: ignore[call-overload]
+
+
+async def test_permanent_400_goes_to_dead_letter_with_reason(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    not_image = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
+    lines = [json.dumps({"id": "bad", "image_uri": not_image}), *_gs_jobs(3)]
+    fast_settings.worker.source = _write_jobs(tmp_path, lines)
+
+    stats = await run_worker(fast_settings)
+
+    _results, dead = _outputs(fast_settings)
+    assert stats.ok == 3
+    assert stats.dead_lettered == 1
+    assert stats.failed == 0
+    assert [d["id"] for d in dead] == ["bad"]
+    err = dead[0]["error"]
+    assert isinstance(err, dict)
+    assert err["type"] == "model_rejected"
+    assert "400" in err["message"]
+    assert dead[0]["attempts"] == 1  # permanent: no retry
+    assert dead[0]["status"] == "error"
+    assert "image_uri" in dead[0]
+    assert "input" in dead[0]
+
+
+async def test_retries_exhausted_is_dead_lettered_for_a_file_source(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    sim.config.error_rate = 1.0
+    fast_settings.retry.max_attempts = 3
+    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(2))
+
+    stats = await run_worker(fast_settings)
+
+    _, dead = _outputs(fast_settings)
+    assert stats.dead_lettered == 2
+    assert {d["error"]["type"] for d in dead} == {"retries_exhausted"}  # type: ignore[index]
+    assert all(d["attempts"] == 3 for d in dead)
+    assert sim.stats().requests == 6
+
+
+@pytest.mark.parametrize("concurrency", [1, 5])
+async def test_in_flight_never_exceeds_concurrency(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path, concurrency: int
+) -> None:
+    sim.config.latency_ms = 15.0
+    fast_settings.worker.concurrency = concurrency
+    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(60))
+
+    stats = await run_worker(fast_settings)
+
+    assert stats.ok == 60
+    assert sim.stats().in_flight_max == concurrency  # reached, never exceeded
+
+
+async def test_bad_lines_are_dead_lettered_and_the_run_goes_on(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    lines = [
+        "{not json",
+        json.dumps({"id": "no-uri"}),
+        json.dumps({"id": "ftp", "image_uri": "ftp://example.com/a.png"}),
+        json.dumps({"id": "http", "image_uri": "http://example.com/a.png"}),
+        json.dumps({"id": "missing", "image_uri": str(EXAMPLES / "nope.png")}),
+        json.dumps({"id": "outside", "image_uri": str(tmp_path / "x.png")}),
+        json.dumps({"id": "not-image", "image_uri": str(Path(__file__))}),
+        json.dumps({"id": "prompt", "image_uri": "gs://b/o.jpg", "prompt": 3}),
+        "[1, 2]",
+        "",
+        "   ",
+        *_gs_jobs(5),
+    ]
+    fast_settings.worker.source = _write_jobs(tmp_path, lines)
+
+    stats = await run_worker(fast_settings)
+
+    results, dead = _outputs(fast_settings)
+    assert len(results) == 5
+    assert stats.failed == 0
+    types = {str(d["id"]): d["error"]["type"] for d in dead}  # type: ignore[index]
+    assert types.pop("no-uri") == "missing_image_uri"
+    assert types.pop("ftp") == "unsupported_scheme"
+    assert types.pop("http") == "unsupported_scheme"
+    assert types.pop("missing") == "file_not_found"
+    assert types.pop("outside") == "file_not_allowed"
+    assert types.pop("not-image") == "unsupported_media_type"
+    assert types.pop("prompt") == "invalid_job"
+    assert sorted(types.values()) == ["invalid_job", "invalid_json"]  # "[1, 2]", "{not json"
+    assert sim.stats().requests == 5  # bad jobs never reached the model
+
+
+async def test_rerun_skips_jobs_already_done(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    fast_settings.worker.source = _write_jobs(tmp_path, ["{broken", *_gs_jobs(10)])
+    await run_worker(fast_settings)
+    before = sim.stats().requests
+
+    stats = await run_worker(fast_settings)
+
+    assert stats.skipped == 11
+    assert stats.ok == 0
+    assert stats.dead_lettered == 0
+    assert sim.stats().requests == before
+    results, dead = _outputs(fast_settings)
+    assert len(results) == 10
+    assert len(dead) == 1
