@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest install clean bench examples
+.PHONY: run test lint typecheck pytest install clean bench examples lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,12 @@ examples: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .mypy_cache .pytest_cache .ruff_cache
+
+## Regenerate requirements.lock: every runtime dependency pinned with hashes, for the
+## container image (Dockerfile installs it with --require-hashes). Run after changing
+## dependencies in pyproject.toml, and commit the result.
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'uv>=0.5'
+	$(BIN)/uv pip compile pyproject.toml deploy/build-requirements.in --extra fast \
+		--universal --python-version 3.11 --generate-hashes \
+		--output-file requirements.lock

@@ -76,6 +76,8 @@ def fast_settings(sim: Simulator, tmp_path: Path) -> Iterator[Settings]:
     s.worker.concurrency = 8
     s.worker.sink = f"jsonl:{tmp_path / 'out' / 'results.jsonl'}"
     s.worker.allow_file_root = str(REPO)
+    # The simulator stands in for Vertex AI, which reads gs:// and data: itself.
+    s.images.backend = "vertex"
     return s.validate()
 
 

@@ -23,6 +23,8 @@ SEED_URI = "gs://cloud-samples-data/generative-ai/image/scones.jpg"
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # The simulator stands in for Vertex AI, which reads gs:// and data: itself.
+    env["WORKER_IMAGES__BACKEND"] = "vertex"
     return env
 
 
@@ -193,6 +195,10 @@ async def test_make_run_configuration_describes_every_bundled_job(tmp_path: Path
             "config/local.toml",
             "--sink",
             f"jsonl:{sink}",
+            # What `make run` shows at a terminal (JSON, the default off a TTY, has no
+            # human summary line).
+            "--log-format",
+            "text",
         ],
         cwd=REPO,
         env=_env(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -42,8 +43,52 @@ _RUN_FLAGS = {
     "concurrency": "worker.concurrency",
     "min_concurrency": "worker.min_concurrency",
     "max_concurrency": "worker.max_concurrency",
-    "allow_file_root": "worker.allow_file_root",
+    "rpm": "worker.rpm",
+    "tpm": "worker.tpm",
+    "shutdown_grace_s": "worker.shutdown_grace_s",
+    "http_port": "http.port",
+    "stall_timeout_s": "http.stall_timeout_s",
 }
+# Image flags, on describe and run.
+_IMAGE_FLAGS = {
+    "allow_file_root": "worker.allow_file_root",
+    "inline_images": "images.inline_images",
+    "image_backend": "images.backend",
+    "allow_private_networks": "images.allow_private_networks",
+    "allow_http": "images.allow_http",
+    "max_image_bytes": "images.max_image_bytes",
+}
+# The limiter and retry flags `loadtest` shares with `run`.
+_LOADTEST_FLAGS = {
+    k: _RUN_FLAGS[k] for k in ("concurrency", "min_concurrency", "max_concurrency", "rpm", "tpm")
+}
+
+
+def _add_image_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images")
+    g.add_argument("--allow-file-root", help="local image files are read only below this directory")
+    g.add_argument(
+        "--inline-images",
+        choices=("auto", "always", "never"),
+        help="fetch images and send them inline (auto: all but gs:// and data: for Vertex AI)",
+    )
+    g.add_argument(
+        "--image-backend",
+        choices=("auto", "vertex", "other"),
+        help="what --inline-images auto takes the backend to be (auto: from the base URL)",
+    )
+    g.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        default=None,
+        help="let image URLs reach loopback and private addresses (not link-local/metadata)",
+    )
+    g.add_argument(
+        "--allow-http", action="store_true", default=None, help="fetch plain http:// image URLs"
+    )
+    g.add_argument(
+        "--max-image-bytes", type=int, help="largest image fetched or inlined (default 7 MiB)"
+    )
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -73,6 +118,68 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
 
 
+def _add_rate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--rpm", type=float, help="hard ceiling: model requests per minute (default: none)"
+    )
+    p.add_argument(
+        "--tpm",
+        type=float,
+        help="hard ceiling: model tokens per minute, estimated and corrected from usage",
+    )
+
+
+def _add_loadtest_parser(sub: Any) -> None:
+    # "resolve": the simulator's own --max-concurrency (a server-side limit) would clash
+    # with the worker's; it is offered as --sim-max-concurrency instead.
+    lt = sub.add_parser(
+        "loadtest",
+        help="drive synthetic jobs through the real pipeline and report throughput",
+        conflict_handler="resolve",
+    )
+    g = lt.add_argument_group("load")
+    size = g.add_mutually_exclusive_group(required=True)
+    size.add_argument("--jobs", type=int, help="number of jobs to send")
+    size.add_argument("--duration-s", type=float, help="send jobs for this many seconds")
+    g.add_argument(
+        "--target",
+        choices=("sim",),
+        help="sim: start the bundled simulator in-process (knobs below); else use --base-url",
+    )
+    g.add_argument(
+        "--source",
+        dest="lt_source",
+        help="read jobs from a real source (e.g. a Pub/Sub subscription); default: memory",
+    )
+    g.add_argument(
+        "--publish-to",
+        help="first publish the --jobs synthetic jobs to this sink (e.g. a Pub/Sub topic)",
+    )
+    g.add_argument("--report", help="write the report as JSON to this file")
+    g.add_argument("--chart", help="write a PNG chart (needs the 'chart' extra: matplotlib)")
+    g.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "off"),
+        default="auto",
+        help="live display on stderr (auto: a bar on a terminal, lines otherwise)",
+    )
+    from .simulator import add_simulator_arguments
+
+    add_simulator_arguments(lt)
+    lt.add_argument(
+        "--sim-max-concurrency",
+        dest="sim_max_concurrency",
+        type=int,
+        help="simulator: requests in flight above this get 429",
+    )
+    c = lt.add_argument_group("concurrency")
+    c.add_argument("--concurrency", help="max model requests in flight: an integer, or auto")
+    c.add_argument("--min-concurrency", type=int, help="lower bound for --concurrency auto")
+    c.add_argument("--max-concurrency", type=int, help="upper bound for --concurrency auto")
+    _add_rate_flags(c)
+    _add_model_flags(lt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worker",
@@ -85,18 +192,66 @@ def build_parser() -> argparse.ArgumentParser:
         "uris", nargs="+", metavar="URI", help="gs://, https://, data: URI or local image path"
     )
     _add_model_flags(d)
+    _add_image_flags(d)
 
     r = sub.add_parser("run", help="run the worker: source -> model -> sink")
-    r.add_argument("--source", help="file:PATH or stdin: (default stdin:)")
-    r.add_argument("--sink", help="jsonl:PATH or stdout: (default stdout:)")
+    r.add_argument(
+        "--source", help="file:PATH, stdin: or pubsub:projects/P/subscriptions/S (default stdin:)"
+    )
+    r.add_argument(
+        "--sink", help="jsonl:PATH, stdout: or pubsub:projects/P/topics/T (default stdout:)"
+    )
     r.add_argument(
         "--dead-letter", help="sink for failed jobs (default: jsonl beside the result file)"
     )
     r.add_argument("--concurrency", help="max model requests in flight: an integer, or auto")
     r.add_argument("--min-concurrency", type=int, help="lower bound for --concurrency auto")
     r.add_argument("--max-concurrency", type=int, help="upper bound for --concurrency auto")
-    r.add_argument("--allow-file-root", help="local image files are read only below this directory")
+    _add_rate_flags(r)
+    ops = r.add_argument_group("long-running operation")
+    ops.add_argument(
+        "--http-port",
+        type=int,
+        help="serve /healthz, /readyz and /metrics on this port (default 0: off)",
+    )
+    ops.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        help="after SIGTERM/SIGINT, time jobs in flight get to finish before a nack (default 20)",
+    )
+    ops.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        help="/healthz answers 503 after this long without progress (default 300)",
+    )
     _add_model_flags(r)
+    _add_image_flags(r)
+
+    sv = sub.add_parser(
+        "serve", help="serve a Pub/Sub push endpoint (Cloud Run): push -> model -> sink"
+    )
+    sv.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    sv.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT") or 8080),
+        help="listen port (default $PORT, else 8080)",
+    )
+    sv.add_argument("--sink", help="jsonl:PATH, stdout: or pubsub:projects/P/topics/T")
+    sv.add_argument("--dead-letter", help="sink for failed jobs")
+    sv.add_argument("--concurrency", help="max model requests in flight: an integer, or auto")
+    sv.add_argument("--min-concurrency", type=int, help="lower bound for --concurrency auto")
+    sv.add_argument("--max-concurrency", type=int, help="upper bound for --concurrency auto")
+    auth = sv.add_argument_group("push authentication (OIDC)")
+    auth.add_argument("--push-audience", help="verify push tokens for this audience")
+    auth.add_argument(
+        "--push-allowed-emails", help="comma-separated service accounts allowed to push"
+    )
+    auth.add_argument("--push-certs-url", help="signing certificates URL (default Google's)")
+    _add_model_flags(sv)
+    _add_image_flags(sv)
+
+    _add_loadtest_parser(sub)
 
     s = sub.add_parser("simulate", help="serve the bundled OpenAI-compatible simulator")
     s.add_argument("--host", default="127.0.0.1")
@@ -149,8 +304,14 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return 0
 
     flags = dict(_MODEL_FLAGS)
+    if ns.command in ("describe", "run"):
+        flags.update(_IMAGE_FLAGS)
     if ns.command == "run":
         flags.update(_RUN_FLAGS)
+    if ns.command == "loadtest":
+        return _loadtest(ns, flags)
+    if ns.command == "serve":
+        return _serve(ns, flags)
     settings = _settings_from(ns, flags)
     setup_logging(settings.log.level, settings.log.format)
 
@@ -164,6 +325,68 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
     stats = _run(run_worker, settings)
     return 1 if stats.failed else 0
+
+
+_SERVE_FLAGS = {
+    **{k: _RUN_FLAGS[k] for k in ("sink", "dead_letter", "concurrency")},
+    **{k: _RUN_FLAGS[k] for k in ("min_concurrency", "max_concurrency")},
+    "push_audience": "pubsub.push_audience",
+    "push_allowed_emails": "pubsub.push_allowed_emails",
+    "push_certs_url": "pubsub.push_certs_url",
+}
+
+
+def _serve(ns: argparse.Namespace, flags: dict[str, str]) -> int:
+    from .logs import setup_logging
+    from .push import serve_push
+
+    flags.update(_IMAGE_FLAGS)
+    flags.update(_SERVE_FLAGS)
+    settings = _settings_from(ns, flags)
+    setup_logging(settings.log.level, settings.log.format)
+
+    async def serve() -> Any:
+        return await serve_push(settings, host=ns.host, port=ns.port)
+
+    stats = _run(serve)
+    return 1 if stats.failed else 0
+
+
+def _loadtest(ns: argparse.Namespace, flags: dict[str, str]) -> int:
+    from pathlib import Path
+
+    from .loadtest import LoadtestOptions, format_report, run_loadtest
+    from .logs import setup_logging
+    from .simulator import sim_config_from_args
+
+    flags.update(_LOADTEST_FLAGS)
+    if ns.target == "sim":
+        # The in-process simulator needs no credentials and no Vertex AI URL.
+        ns.auth = ns.auth or "none"
+        ns.base_url = ns.base_url or "http://127.0.0.1:1/v1"
+    elif not (ns.base_url or ns.project or ns.location or ns.config):
+        raise ConfigError("loadtest", "give --target sim or --base-url URL")
+    settings = _settings_from(ns, flags)
+    # A load test should show warnings, not one log line per job.
+    setup_logging("warning" if ns.log_level is None else settings.log.level, settings.log.format)
+    try:
+        sim = sim_config_from_args(ns) if ns.target == "sim" else None
+    except ValueError as exc:
+        raise ConfigError("loadtest", str(exc)) from None
+    opts = LoadtestOptions(
+        jobs=ns.jobs,
+        duration_s=ns.duration_s,
+        sim=sim,
+        source=ns.lt_source,
+        publish_to=ns.publish_to,
+        report=Path(ns.report) if ns.report else None,
+        chart=Path(ns.chart) if ns.chart else None,
+        progress=ns.progress,
+    )
+    opts.validate()
+    report = _run(run_loadtest, settings, opts)
+    print(format_report(report), file=sys.stderr, flush=True)
+    return 0 if report["lost"] == 0 else 1
 
 
 def _run(fn: Any, *args: Any) -> Any:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import JobError
+from .logs import redact
 
 __all__ = [
     "MAX_INPUT_ECHO_BYTES",
@@ -34,6 +36,7 @@ MAX_URI_BYTES = 2_048
 MAX_INPUT_ECHO_BYTES = 4_096
 
 _KNOWN_FIELDS = ("image_uri", "id", "prompt")
+_JSON_SCALAR = re.compile(r"null|true|false|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
 @dataclass(slots=True, frozen=True)
@@ -58,13 +61,20 @@ def fallback_id(raw: bytes, default_id: str | None = None) -> str:
     return default_id if default_id else _stable_id(raw)
 
 
+def _has_surrogates(text: str) -> bool:
+    # Lone surrogates ("\ud800" in JSON) are not text: they cannot be encoded as UTF-8.
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def _check_uri(uri: str) -> str:
     if not uri:
         raise JobError("invalid_image_uri", "image_uri is empty")
     if len(uri.encode("utf-8", "surrogatepass")) > MAX_URI_BYTES:
         raise JobError("invalid_image_uri", f"image_uri is longer than {MAX_URI_BYTES} bytes")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in uri):
         raise JobError("invalid_image_uri", "image_uri contains control characters")
+    if _has_surrogates(uri):
+        raise JobError("invalid_image_uri", "image_uri is not valid Unicode (lone surrogate)")
     if uri != uri.strip():
         raise JobError("invalid_image_uri", "image_uri has leading or trailing white space")
     return uri
@@ -78,11 +88,13 @@ def parse_job(raw: bytes, *, default_id: str | None = None) -> Job:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JobError("invalid_job", f"job is not UTF-8 text (byte {exc.start})") from None
-    text = text.strip()
+    text = text.removeprefix("\ufeff").strip()
     if not text:
         raise JobError("missing_image_uri", "job is empty")
     if text[0] in '{["':
         return _parse_json_job(text, raw, default_id)
+    if _JSON_SCALAR.fullmatch(text):
+        raise JobError("invalid_job", "job must be a JSON object or a bare URI, not a JSON scalar")
     uri = _check_uri(text)
     if any(c.isspace() for c in uri):
         raise JobError("invalid_image_uri", "a bare-URI job must be one URI without spaces")
@@ -115,6 +127,8 @@ def _parse_json_job(text: str, raw: bytes, default_id: str | None) -> Job:
             raise JobError("invalid_job", "prompt must be a string")
         if prompt is not None and not prompt.strip():
             raise JobError("invalid_job", "prompt must not be blank")
+        if prompt is not None and _has_surrogates(prompt):
+            raise JobError("invalid_job", "prompt is not valid Unicode (lone surrogate)")
     except JobError as exc:
         # Dead-letter records keep the job's own id, so the sender can match them up.
         exc.job_id = job_id or default_id
@@ -143,7 +157,8 @@ def result_record(
 ) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "id": job.id,
-        "image_uri": job.image_uri,
+        # A signed URL's signature is a credential: records keep the URL, not the secret.
+        "image_uri": redact(job.image_uri),
         "status": "ok",
         "description": description,
         "model": model,
@@ -168,12 +183,14 @@ def error_record(
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rec: dict[str, Any] = {"id": job_id}
+    # Records outlive logs and travel further: tokens, keys and signed URLs' signatures are
+    # redacted from everything that echoes the job or an exception.
     if image_uri is not None:
-        rec["image_uri"] = image_uri
+        rec["image_uri"] = redact(image_uri)
     rec["status"] = "error"
-    rec["error"] = {"type": error_type, "message": message}
+    rec["error"] = {"type": error_type, "message": redact(message)}
     rec["attempts"] = attempts
-    rec["input"] = raw[:MAX_INPUT_ECHO_BYTES].decode("utf-8", "replace")
+    rec["input"] = redact(raw[:MAX_INPUT_ECHO_BYTES].decode("utf-8", "replace"))
     rec["finished_at"] = rfc3339_now()
     if source is not None:
         rec["source"] = source

@@ -1,23 +1,64 @@
-"""Concurrency limits: how many model requests may be in flight.
+"""Concurrency limits and rate ceilings for model requests.
 
 :class:`Limiter` is a semaphore whose size can change while tasks wait on it. The fixed
-limit sets it once; the adaptive controller (``--concurrency auto``) moves it.
+limit (``--concurrency N``) sets it once; :class:`AdaptiveLimiter` (``--concurrency auto``)
+moves it between ``min_concurrency`` and ``max_concurrency`` from what the model answers:
+
+* **multiplicative decrease** on 429 / ``RESOURCE_EXHAUSTED`` and on timeouts, at most
+  once per round trip (a burst of 429s from one window is one congestion signal, not
+  fifty). The cut goes at least down to what the quota just proved it can carry: the
+  requests that succeeded in the last round trip (Little's law: rate x latency), so an
+  overshoot of 4x is undone in one step instead of thirteen;
+* a 429 keeps its slot for one round trip: a rejected request comes back in a
+  millisecond, and handing its slot straight to the next request turns an exhausted
+  quota into a storm of instant 429s;
+* a **pause** of new requests for as long as ``Retry-After`` / ``retry-after-ms`` asks;
+* **additive increase** while requests succeed *and* the limit is actually in use (an idle
+  limit proves nothing about the quota). Growth starts as slow start (x1.5 per round
+  trip) until the first congestion signal; then +1/4 per round trip while below the
+  level of the last signal (creeping up on the quota keeps 429s rare), and past it +1
+  per round trip, the step doubling for every further round trip without a signal
+  (capped) so the limit climbs back quickly when a quota is lifted.
+
+Why AIMD rather than a latency-gradient scheme: an exhausted quota shows up as 429
+answers, not as slower 200s (a token-bucket quota, like the simulator's, rejects the
+excess at once and leaves the rest alone), so the latency of successful requests does
+not rise as the quota is approached and a gradient scheme has no signal before the 429s
+start. (Measured in bench P2: at the quota, with 429s arriving, the
+smoothed latency of successes was 305 ms against the simulator's 300 ms.) The 429 itself
+is the signal, and AIMD reacts to exactly that.
+
+:class:`RateCeiling` is the optional hard ceiling (``--rpm``, ``--tpm``): token buckets
+checked before a request is sent, with the request's tokens estimated up front and the
+estimate corrected from the answer's ``usage``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from collections import deque
+from typing import Final
 
 import anyio
 
-__all__ = ["Limiter"]
+__all__ = ["AdaptiveLimiter", "Limiter", "RateCeiling", "TokenBucket"]
+
+DEFAULT_INITIAL: Final = 16
+# The outcomes a limiter is told about, one per model request.
+OUTCOMES: Final = ("ok", "rate_limited", "timeout", "transient", "unauthorized", "permanent")
 
 
 class Limiter:
     """A resizable semaphore. Lowering the limit never cancels holders; it only stops
-    new admissions until enough of them have released."""
+    new admissions until enough of them have released.
 
-    __slots__ = ("_in_use", "_limit", "_waiters")
+    It also counts the outcome of every model request (:meth:`observe`), so metrics and
+    the load-test display read the same numbers whichever limiter is in use.
+    """
+
+    __slots__ = ("_in_use", "_limit", "_waiters", "counts")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -25,6 +66,8 @@ class Limiter:
         self._limit = limit
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
+        #: Model requests by outcome (see :data:`OUTCOMES`).
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
 
     @property
     def limit(self) -> int:
@@ -37,6 +80,10 @@ class Limiter:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def adaptive(self) -> bool:
+        return False
 
     def set_limit(self, limit: int) -> None:
         self._limit = max(1, limit)
@@ -62,6 +109,10 @@ class Limiter:
         self._in_use -= 1
         self._wake()
 
+    def observe(self, outcome: str, latency_s: float, retry_after_s: float | None = None) -> None:
+        """One model request finished with ``outcome`` (see :data:`OUTCOMES`)."""
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
     def _wake(self) -> None:
         # A woken waiter owns its slot from the moment its event is set.
         while self._waiters and self._in_use < self._limit:
@@ -73,3 +124,282 @@ class Limiter:
 
     async def __aexit__(self, *exc: object) -> None:
         self.release()
+
+
+class AdaptiveLimiter(Limiter):
+    """AIMD on the number of model requests in flight; see the module docstring.
+
+    Readable state for metrics: :attr:`limit`, :attr:`counts`, :attr:`decreases`,
+    :attr:`increases`, :attr:`pauses`, :attr:`rtt_s`, :attr:`paused_for_s`.
+    """
+
+    __slots__ = (
+        "_delivered",
+        "_last_decrease",
+        "_next_step_at",
+        "_paused_until",
+        "_rejected_since_cut",
+        "_slow_start",
+        "_step",
+        "_w_max",
+        "_window",
+        "backoff",
+        "decreases",
+        "increases",
+        "max_limit",
+        "min_cooldown_s",
+        "min_limit",
+        "pauses",
+        "rtt_s",
+    )
+
+    def __init__(
+        self,
+        min_limit: int = 1,
+        max_limit: int = 256,
+        *,
+        initial: int | None = None,
+        backoff: float = 0.9,
+        min_cooldown_s: float = 0.01,
+    ) -> None:
+        if not 1 <= min_limit <= max_limit:
+            raise ValueError("need 1 <= min_limit <= max_limit")
+        if not 0 < backoff < 1:
+            raise ValueError("backoff must be in (0, 1)")
+        # Start at 16 (within the bounds): a useful first window for any real quota, and
+        # slow start finds the rest within a few round trips.
+        start = min(max(initial or DEFAULT_INITIAL, min_limit), max_limit)
+        super().__init__(start)
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        # A gentle cut: with a token-bucket quota, time spent below the quota is lost for
+        # good while a little time above it only costs cheap, immediate 429s.
+        self.backoff = backoff
+        self.min_cooldown_s = min_cooldown_s
+        self._window = float(start)
+        self._slow_start = True
+        self._step = 1.0
+        # The window when the last congestion signal came (the quota's level, roughly).
+        self._w_max = 0.0
+        self._last_decrease = -math.inf
+        self._next_step_at = 0.0
+        self._paused_until = 0.0
+        # Finish times of the successes of (about) the last round trip.
+        self._delivered: deque[float] = deque()
+        self._rejected_since_cut = 0
+        #: Smoothed latency of successful requests: the controller's notion of a round trip.
+        self.rtt_s = 0.0
+        self.decreases = 0
+        self.increases = 0
+        self.pauses = 0
+
+    @property
+    def adaptive(self) -> bool:
+        return True
+
+    @property
+    def window(self) -> float:
+        """The unrounded limit."""
+        return self._window
+
+    @property
+    def paused_for_s(self) -> float:
+        return max(0.0, self._paused_until - time.monotonic())
+
+    async def acquire(self) -> None:
+        # Honour a server-requested pause before queueing for a slot. Re-check after the
+        # sleep: another 429 may have extended it.
+        while True:
+            delay = self._paused_until - time.monotonic()
+            if delay <= 0:
+                break
+            await anyio.sleep(delay)
+        await super().acquire()
+
+    def observe(self, outcome: str, latency_s: float, retry_after_s: float | None = None) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        now = time.monotonic()
+        if outcome == "ok":
+            self._on_success(latency_s, now)
+        elif outcome in ("rate_limited", "timeout"):
+            if retry_after_s:
+                until = now + retry_after_s
+                if until > self._paused_until:
+                    self._paused_until = until
+                    self.pauses += 1
+            self._on_congestion(now)
+            if outcome == "rate_limited":
+                self._hold_slot()
+
+    def _hold_slot(self) -> None:
+        # Called before the caller releases its slot: take a phantom one that is given
+        # back a round trip later (see the module docstring).
+        hold_s = self._cooldown_s()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._in_use += 1
+        loop.call_later(hold_s, self.release)
+
+    def _cooldown_s(self) -> float:
+        return max(self.rtt_s, self.min_cooldown_s)
+
+    def _on_success(self, latency_s: float, now: float) -> None:
+        self.rtt_s = latency_s if self.rtt_s == 0.0 else 0.9 * self.rtt_s + 0.1 * latency_s
+        delivered = self._delivered
+        delivered.append(now)
+        horizon = now - self._cooldown_s()
+        while delivered[0] < horizon:
+            delivered.popleft()
+        # Only a limit that is being used has been tested: count the request that just
+        # finished (it has released its slot by now) as still in use.
+        if self._in_use + len(self._waiters) + 1 < self._limit:
+            return
+        if self._window >= self.max_limit:
+            return
+        if self._slow_start:
+            # x1.5 per round trip: a gentler overshoot than TCP's doubling, since every
+            # request beyond the quota comes back as a 429.
+            self._window += 0.5
+        elif self._window < self._w_max:
+            # Below the level of the last congestion signal: creep up on it (+1/4 per
+            # round trip), so the sawtooth's period is long and its 429s are few.
+            self._window += 0.25 / self._window
+        else:
+            # Past it (the quota may have grown): +step per round trip, spread over the
+            # window's worth of answers in one.
+            self._window += self._step / self._window
+            if now >= self._next_step_at:
+                # A whole round trip without congestion: probe harder next time.
+                self._step = min(self._step * 2.0, max(1.0, self._window / 8.0))
+                self._next_step_at = now + self._cooldown_s()
+        self._window = min(self._window, float(self.max_limit))
+        self._apply()
+
+    def _on_congestion(self, now: float) -> None:
+        self._rejected_since_cut += 1
+        if now - self._last_decrease < self._cooldown_s() and self._rejected_since_cut <= max(
+            2.0, self._window * (1.0 - self.backoff)
+        ):
+            # Same window of requests, already acted on, unless more of them were
+            # rejected since than the last cut took away: then that cut was too small.
+            return
+        self._last_decrease = now
+        self._rejected_since_cut = 0
+        self._slow_start = False
+        self._step = 1.0
+        # Past the old level, probe gently (+1 per round trip) for a few round trips
+        # before probing harder.
+        self._next_step_at = now + 4 * self._cooldown_s()
+        horizon = now - self._cooldown_s()
+        delivered = self._delivered
+        while delivered and delivered[0] < horizon:
+            delivered.popleft()
+        self._w_max = self._window
+        cut = self._window * self.backoff
+        # What the quota carried in the last round trip is a measurement only when the
+        # limit was in use (a quiet spell carries little and proves nothing); and no
+        # single step cuts below a quarter.
+        if self._in_use + len(self._waiters) >= self._limit - 1:
+            carried = float(len(delivered))
+            cut = min(cut, max(carried, self._window * 0.25))
+        self._window = max(float(self.min_limit), cut)
+        self.decreases += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        new = max(self.min_limit, min(self.max_limit, int(self._window)))
+        if new > self._limit:
+            self.increases += 1
+        if new != self._limit:
+            self.set_limit(new)
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, holding at most ``capacity``. May go into debt
+    (a correction after the fact); a debtor waits until the debt is paid."""
+
+    __slots__ = ("_stamp", "_tokens", "capacity", "rate_per_s")
+
+    def __init__(self, rate_per_s: float, capacity: float) -> None:
+        if rate_per_s <= 0 or capacity <= 0:
+            raise ValueError("rate and capacity must be > 0")
+        self.rate_per_s = rate_per_s
+        self.capacity = capacity
+        self._tokens = capacity
+        self._stamp = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
+        self._stamp = now
+
+    @property
+    def tokens(self) -> float:
+        self._refill(time.monotonic())
+        return self._tokens
+
+    def take(self, n: float) -> float:
+        """Take ``n`` tokens now (possibly into debt); return the seconds the caller should
+        wait before sending, 0 when the tokens were there."""
+        self._refill(time.monotonic())
+        self._tokens -= n
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate_per_s
+
+    def give(self, n: float) -> None:
+        """Correct an estimate: ``n`` > 0 returns tokens, ``n`` < 0 takes more."""
+        self._refill(time.monotonic())
+        self._tokens = min(self.capacity, self._tokens + n)
+
+
+class RateCeiling:
+    """Hard ceilings for users who know their quota: requests and tokens per minute.
+
+    A request reserves its tokens before it is sent (an estimate: the running mean of
+    real ``total_tokens``, starting from ``initial_tokens_estimate``) and the estimate is
+    corrected from ``usage`` when the answer comes. Reservations are made in order, so
+    waiting callers are served first come, first served.
+    """
+
+    __slots__ = ("_lock", "est_tokens", "requests", "tokens", "waited_s")
+
+    def __init__(
+        self, *, rpm: float = 0, tpm: float = 0, initial_tokens_estimate: float = 600.0
+    ) -> None:
+        # One second of quota as burst: per-minute quotas are enforced over short windows.
+        self.requests = TokenBucket(rpm / 60.0, max(1.0, rpm / 60.0)) if rpm > 0 else None
+        self.tokens = (
+            TokenBucket(tpm / 60.0, max(initial_tokens_estimate, tpm / 60.0)) if tpm > 0 else None
+        )
+        self.est_tokens = initial_tokens_estimate
+        self.waited_s = 0.0
+        self._lock = anyio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.requests is not None or self.tokens is not None
+
+    async def acquire(self) -> float:
+        """Wait until one more request fits; return the tokens reserved for it."""
+        estimate = self.est_tokens if self.tokens is not None else 0.0
+        async with self._lock:
+            delay = 0.0
+            if self.requests is not None:
+                delay = self.requests.take(1)
+            if self.tokens is not None:
+                delay = max(delay, self.tokens.take(estimate))
+            if delay > 0:
+                self.waited_s += delay
+                # Holding the lock keeps the order: later callers queue behind this one.
+                await anyio.sleep(delay)
+        return estimate
+
+    def settle(self, reserved: float, used_tokens: int | None) -> None:
+        """Correct the reservation from the answer's ``usage.total_tokens`` (None: an
+        error answer, which Vertex does not charge tokens for)."""
+        if self.tokens is None:
+            return
+        used = float(used_tokens or 0)
+        self.tokens.give(reserved - used)
+        if used_tokens:
+            self.est_tokens = 0.9 * self.est_tokens + 0.1 * used

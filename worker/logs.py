@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["redact", "setup_logging"]
+__all__ = ["current_format", "redact", "setup_logging"]
 
 _SECRET_PATTERNS = [
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1<redacted>"),
@@ -23,7 +23,7 @@ _SECRET_PATTERNS = [
     (re.compile(r"\bAIza[0-9A-Za-z_-]{20,}"), "<redacted-key>"),
     (
         re.compile(
-            r"(?i)((?:x-goog-signature|signature|sig|x-amz-signature|access_token|api_key|key)=)[^&\s\"']+"
+            r"(?i)((?:x-goog-signature|signature|sig|x-amz-signature|access_token|token|api_key|key)=)[^&\s\"']+"
         ),
         r"\1<redacted>",
     ),
@@ -87,9 +87,19 @@ class TextFormatter(logging.Formatter):
         return redact(line)
 
 
+_format_in_force = "text"
+
+
+def current_format() -> str:
+    """``json`` or ``text``: what :func:`setup_logging` chose (``auto`` resolved)."""
+    return _format_in_force
+
+
 def setup_logging(level: str = "info", fmt: str = "auto") -> None:
+    global _format_in_force
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
+    _format_in_force = fmt
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -6,11 +6,13 @@ backoff, Retry-After and the per-job deadline are decided in one place.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import openai
+from openai._types import RequestOptions
 
 from .auth import NoTokens, TokenProvider
 from .settings import ModelSettings
@@ -64,12 +66,21 @@ class ModelClient:
             timeout=settings.timeout_s,
             http_client=self._http,
         )
-        self._extra: dict[str, Any] = {}
+        # The SDK's eight X-Stainless-* telemetry headers mean nothing to Vertex AI, and
+        # every header is normalised, merged and copied on each request: leaving them out
+        # saved ~0.03 ms of CPU per request (of ~0.5) in a profile against the simulator.
+        stainless = [h for h in self.client.default_headers if h.lower().startswith("x-stainless")]
+        if stainless:
+            self.client = self.client.with_options(
+                # ``omit`` removes a default header (typed as str by the SDK).
+                default_headers=cast("dict[str, str]", dict.fromkeys(stainless, openai.omit))
+            )
+        # Built once: every request shares these (the SDK copies what it merges).
+        self._options: RequestOptions = {}
         if isinstance(tokens, NoTokens):
             # No credentials at all: tell the SDK the header is left out on purpose.
-            self._extra["extra_headers"] = {"Authorization": openai.omit}
-        if settings.max_tokens:
-            self._extra["max_tokens"] = settings.max_tokens
+            self._options["headers"] = {"Authorization": openai.omit}
+        self._max_tokens = settings.max_tokens or None
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -90,29 +101,49 @@ class ModelClient:
             return await self._create(messages)
 
     async def _create(self, messages: list[dict[str, Any]]) -> Answer:
-        completion = await self.client.chat.completions.create(
-            model=self.settings.model,
-            messages=messages,  # type: ignore[arg-type]
-            **self._extra,
+        # The hot path. ``chat.completions.create`` spends ~1 ms of CPU per call walking
+        # our params against its TypedDicts (``async_maybe_transform``) and ~0.2 ms
+        # building pydantic models of the answer: profiled, that was most of the worker's
+        # CPU per job. ``client.post`` is the same AsyncOpenAI request path (base URL,
+        # auth, headers, timeout, APIStatusError mapping) without either step; the body is
+        # already plain JSON and we read the four fields we need ourselves.
+        body: dict[str, Any] = {"model": self.settings.model, "messages": messages}
+        if self._max_tokens is not None:
+            body["max_tokens"] = self._max_tokens
+        response = await self.client.post(
+            "/chat/completions", cast_to=httpx2.Response, body=body, options=self._options
         )
-        choice = completion.choices[0] if completion.choices else None
-        text = choice.message.content if choice is not None else None
-        if text is None:
-            raise EmptyAnswer(choice.finish_reason if choice is not None else "no choices")
-        usage = completion.usage
+        return self._answer(response.content)
+
+    def _answer(self, content: bytes) -> Answer:
+        try:
+            data = json.loads(content)
+            choices = data.get("choices") or []
+        except (ValueError, AttributeError):
+            raise EmptyAnswer("the answer is not a chat completion") from None
+        choice = choices[0] if choices and isinstance(choices[0], dict) else None
+        if choice is None:
+            raise EmptyAnswer("no choices")
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
+        finish_reason = choice.get("finish_reason")
+        if not isinstance(text, str):
+            raise EmptyAnswer(finish_reason if isinstance(finish_reason, str) else "no text")
+        usage = data.get("usage")
+        model = data.get("model")
         return Answer(
             text=text,
-            model=completion.model or self.settings.model,
+            model=model if isinstance(model, str) and model else self.settings.model,
             usage=(
                 {
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.total_tokens,
+                    "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                    "completion_tokens": int(usage.get("completion_tokens") or 0),
+                    "total_tokens": int(usage.get("total_tokens") or 0),
                 }
-                if usage is not None
+                if isinstance(usage, dict)
                 else None
             ),
-            finish_reason=choice.finish_reason if choice is not None else None,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
 
 

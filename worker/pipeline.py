@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import openai
@@ -21,16 +21,37 @@ import openai
 from .errors import JobError
 from .images import ImagePolicy
 from .jobs import Job, error_record, fallback_id, parse_job, result_record
-from .limits import Limiter
+from .limits import Limiter, RateCeiling
 from .model import Answer, EmptyAnswer, ModelClient
 from .protocols import Delivery, Record, Source
-from .retry import Kind, RetryBudget, call_with_retries, classify
+from .retry import Kind, RetryBudget, call_with_retries, classify, retry_after_s
 from .settings import RetrySettings
 from .sinks.batch import BatchWriter, SinkFailed
 
-__all__ = ["Pipeline", "RunStats"]
+__all__ = ["Pipeline", "PipelineObserver", "RunStats"]
 
 log = logging.getLogger("worker.pipeline")
+
+
+class PipelineObserver(Protocol):
+    """Told of each job's milestones (metrics, liveness); every call must be cheap."""
+
+    def received(self, delivery: Delivery) -> None: ...
+    def model_answered(self, exc: BaseException | None, latency_s: float) -> None: ...
+    def finished(self, latency_s: float) -> None: ...
+
+
+def _delivery_fields(delivery: Delivery) -> dict[str, Any]:
+    """Log fields that tie a job to its queue message, when it came from one."""
+    info = delivery.source_info
+    if not info:
+        return {}
+    fields: dict[str, Any] = {}
+    if "message_id" in info:
+        fields["message_id"] = info["message_id"]
+    if info.get("delivery_attempt") is not None:
+        fields["delivery_attempt"] = info["delivery_attempt"]
+    return fields
 
 
 @dataclass
@@ -85,18 +106,23 @@ class Pipeline:
         jobs_in_flight: int,
         done_ids: set[str] | None = None,
         on_model_result: Callable[[Kind | Literal["ok"], float], None] | None = None,
+        ceiling: RateCeiling | None = None,
+        observer: PipelineObserver | None = None,
     ) -> None:
         self.source = source
         self.results = results
         self.dead_letter = dead_letter
         self.model = model
         self.limiter = limiter
+        # Hard --rpm/--tpm ceilings; None when neither is set.
+        self.ceiling = ceiling if ceiling is not None and ceiling.active else None
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
         self.done_ids = done_ids or set()
         self.stats = RunStats()
         self._on_model_result = on_model_result
+        self._observer = observer
         self._stop_reading = anyio.CancelScope()
         self._jobs_scope: anyio.CancelScope | None = None
 
@@ -130,12 +156,15 @@ class Pipeline:
                     async for delivery in self.source.deliveries():
                         await self.admission.acquire()
                         self.stats.received += 1
+                        if self._observer is not None:
+                            self._observer.received(delivery)
                         jobs.start_soon(self._handle, delivery)
         finally:
             self.stats.finished_at = time.monotonic()
         return self.stats
 
     async def _handle(self, delivery: Delivery) -> None:
+        admitted_at = time.monotonic()
         try:
             try:
                 outcome = await self._process(delivery)
@@ -151,13 +180,20 @@ class Pipeline:
                 await self._finish(delivery, outcome)
         finally:
             self.admission.release()
+            if self._observer is not None:
+                self._observer.finished(time.monotonic() - admitted_at)
 
     async def _give_back(self, delivery: Delivery) -> None:
         try:
             await delivery.nack()
         except Exception as exc:
-            log.warning("nack_failed", extra={"error_type": type(exc).__name__})
+            log.warning(
+                "nack_failed",
+                extra={"error_type": type(exc).__name__, **_delivery_fields(delivery)},
+            )
         self.stats.nacked += 1
+        if delivery.redeliverable:
+            log.info("job_nacked", extra=_delivery_fields(delivery))
 
     async def _process(self, delivery: Delivery) -> _Outcome:
         started = time.monotonic()
@@ -207,18 +243,41 @@ class Pipeline:
         )
 
     async def _call_model(self, url: str, prompt: str | None) -> Answer:
-        await self.limiter.acquire()
+        # Rate ceiling first, then a slot: a request waiting for quota must not hold a
+        # slot, or an adaptive limit would read the wait as demand and grow.
+        ceiling = self.ceiling
+        reserved = await ceiling.acquire() if ceiling is not None else 0.0
+        limiter = self.limiter
+        await limiter.acquire()
         t0 = time.monotonic()
         try:
             answer = await self.model.describe(url, prompt)
         except Exception as exc:
+            latency_s = time.monotonic() - t0
+            kind = classify(exc)
+            if kind == "rate_limited":
+                limiter.observe(kind, latency_s, retry_after_s(exc))
+            elif isinstance(exc, openai.APITimeoutError | TimeoutError):
+                limiter.observe("timeout", latency_s)
+            else:
+                limiter.observe(kind, latency_s)
+            if ceiling is not None:
+                ceiling.settle(reserved, None)
             if self._on_model_result is not None:
-                self._on_model_result(classify(exc), time.monotonic() - t0)
+                self._on_model_result(kind, latency_s)
+            if self._observer is not None:
+                self._observer.model_answered(exc, latency_s)
             raise
         finally:
-            self.limiter.release()
+            limiter.release()
+        latency_s = time.monotonic() - t0
+        limiter.observe("ok", latency_s)
+        if ceiling is not None:
+            ceiling.settle(reserved, answer.usage["total_tokens"] if answer.usage else None)
         if self._on_model_result is not None:
-            self._on_model_result("ok", time.monotonic() - t0)
+            self._on_model_result("ok", latency_s)
+        if self._observer is not None:
+            self._observer.model_answered(None, latency_s)
         return answer
 
     def _note_retry(
@@ -302,7 +361,12 @@ class Pipeline:
             await writer.put(outcome.record)
         except SinkFailed as exc:
             log.error(
-                "sink_write_failed", extra={"job_id": outcome.record["id"], "error": str(exc)}
+                "sink_write_failed",
+                extra={
+                    "job_id": outcome.record["id"],
+                    "error": str(exc),
+                    **_delivery_fields(delivery),
+                },
             )
             if delivery.redeliverable:
                 await self._give_back(delivery)
@@ -311,6 +375,16 @@ class Pipeline:
             return
         if outcome.kind == "ok":
             self.stats.ok += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "job_succeeded",
+                    extra={
+                        "job_id": outcome.record["id"],
+                        "attempt": outcome.record.get("attempts"),
+                        "latency_s": outcome.record.get("latency_s"),
+                        **_delivery_fields(delivery),
+                    },
+                )
         else:
             self.stats.dead_lettered += 1
             err = outcome.record["error"]
@@ -320,6 +394,8 @@ class Pipeline:
                     "job_id": outcome.record["id"],
                     "error_type": err["type"],
                     "reason": err["message"],
+                    "attempt": outcome.record.get("attempts"),
+                    **_delivery_fields(delivery),
                 },
             )
         await self._ack(delivery)
@@ -329,7 +405,10 @@ class Pipeline:
             await delivery.ack()
         except Exception as exc:
             # The record is durable; the queue will redeliver and the id dedupes it.
-            log.warning("ack_failed", extra={"error_type": type(exc).__name__})
+            log.warning(
+                "ack_failed",
+                extra={"error_type": type(exc).__name__, **_delivery_fields(delivery)},
+            )
 
 
 def _api_error_message(exc: Exception) -> str:

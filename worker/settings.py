@@ -22,8 +22,10 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PROMPT",
+    "HttpSettings",
     "LogSettings",
     "ModelSettings",
+    "PubSubSettings",
     "RetrySettings",
     "Settings",
     "SimulatorSettings",
@@ -38,6 +40,8 @@ ENV_PREFIX = "WORKER_"
 
 AUTH_MODES = ("google", "api-key", "none")
 IMAGE_URL_FORMS = ("string", "object")
+INLINE_MODES = ("auto", "always", "never")
+IMAGE_BACKENDS = ("auto", "vertex", "other")
 
 
 def vertex_base_url(project: str, location: str) -> str:
@@ -125,12 +129,19 @@ class WorkerSettings:
     max_concurrency: int = 256
     # Jobs admitted from the source but not finished; 0 means twice the concurrency ceiling.
     max_jobs_in_flight: int = 0
+    # Hard ceilings for a known quota (token buckets); 0 = none. Tokens are estimated
+    # before a request and corrected from the answer's usage.
+    rpm: float = 0.0
+    tpm: float = 0.0
     # Local files a job may name are read only below this directory ("" = working dir for
     # file/stdin sources, nowhere for remote sources).
     allow_file_root: str = ""
+    # After SIGTERM/SIGINT: how long jobs in flight get to finish before they are nacked.
+    shutdown_grace_s: float = 20.0
 
     def validate(self) -> None:
         _require(bool(self.source), "worker.source", "must not be empty")
+        _require(0 <= self.shutdown_grace_s <= 3600, "worker.shutdown_grace_s", "must be 0..3600")
         _require(bool(self.sink), "worker.sink", "must not be empty")
         if isinstance(self.concurrency, str):
             text = self.concurrency.strip().lower()
@@ -154,6 +165,8 @@ class WorkerSettings:
             "must be >= worker.min_concurrency and <= 10000",
         )
         _require(self.max_jobs_in_flight >= 0, "worker.max_jobs_in_flight", "must be >= 0")
+        _require(self.rpm >= 0, "worker.rpm", "must be >= 0 (0 = no ceiling)")
+        _require(self.tpm >= 0, "worker.tpm", "must be >= 0 (0 = no ceiling)")
 
     @property
     def concurrency_ceiling(self) -> int:
@@ -162,6 +175,116 @@ class WorkerSettings:
     @property
     def jobs_in_flight_limit(self) -> int:
         return self.max_jobs_in_flight or 2 * self.concurrency_ceiling
+
+
+@dataclass
+class PubSubSettings:
+    """Pub/Sub pull source, topic sinks and the push endpoint (``worker serve``)."""
+
+    # Messages held (pulled, not yet acked or nacked); 0: jobs in flight + 25%.
+    max_outstanding_messages: int = 0
+    max_outstanding_bytes: int = 104_857_600
+    # Each lease extension (modifyAckDeadline) asks for this much; also how soon a crashed
+    # worker's messages come back.
+    lease_extension_s: int = 60
+    # Leases are not extended past this age; the message is then redelivered.
+    max_lease_s: int = 3600
+    # Acks and nacks gathered this long go out in one request.
+    ack_window_s: float = 0.05
+    request_timeout_s: float = 60.0
+    # A call retried on transient errors (429, 5xx, resets) gives up after this long.
+    retry_deadline_s: float = 60.0
+    # worker serve: verify push OIDC tokens when set.
+    push_audience: str = ""
+    # Comma-separated service-account emails allowed to push (empty: any verified one).
+    push_allowed_emails: str = ""
+    # Where Google's OIDC signing certificates are fetched ("" = Google's).
+    push_certs_url: str = ""
+
+    def validate(self) -> None:
+        _require(
+            self.max_outstanding_messages >= 0,
+            "pubsub.max_outstanding_messages",
+            "must be >= 0 (0 = jobs in flight + 25%)",
+        )
+        _require(
+            self.max_outstanding_bytes >= 65_536,
+            "pubsub.max_outstanding_bytes",
+            "must be >= 65536",
+        )
+        _require(10 <= self.lease_extension_s <= 600, "pubsub.lease_extension_s", "must be 10..600")
+        _require(
+            self.lease_extension_s <= self.max_lease_s <= 604_800,
+            "pubsub.max_lease_s",
+            "must be >= pubsub.lease_extension_s and <= 604800",
+        )
+        _require(0 <= self.ack_window_s <= 1, "pubsub.ack_window_s", "must be 0..1")
+        _require(
+            0 < self.request_timeout_s <= 600, "pubsub.request_timeout_s", "must be > 0 and <= 600"
+        )
+        _require(
+            0 < self.retry_deadline_s <= 3600, "pubsub.retry_deadline_s", "must be > 0 and <= 3600"
+        )
+        if self.push_allowed_emails.strip():
+            _require(
+                bool(self.push_audience),
+                "pubsub.push_allowed_emails",
+                "needs pubsub.push_audience (tokens are only checked when an audience is set)",
+            )
+        if self.push_certs_url:
+            _require(
+                self.push_certs_url.startswith(("http://", "https://")),
+                "pubsub.push_certs_url",
+                "must start with http:// or https://",
+            )
+
+    @property
+    def allowed_emails(self) -> frozenset[str]:
+        return frozenset(e.strip() for e in self.push_allowed_emails.split(",") if e.strip())
+
+
+@dataclass
+class ImageSettings:
+    """How image URIs become what the model is sent (see worker/images.py)."""
+
+    # auto: Vertex AI reads gs:// and data: itself, everything else is fetched and inlined;
+    # always: fetch and inline everything; never: pass every remote URI through.
+    inline_images: str = "auto"
+    # What "auto" assumes about the model: auto decides from the base URL.
+    backend: str = "auto"
+    allow_http: bool = False
+    # Lets job URLs reach loopback and private ranges (link-local, i.e. the cloud metadata
+    # server, multicast, unspecified and reserved addresses stay refused).
+    allow_private_networks: bool = False
+    max_image_bytes: int = 7 * 1024 * 1024
+    fetch_timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    max_redirects: int = 3
+    fetch_attempts: int = 3
+    ca_bundle: str = ""
+
+    def validate(self) -> None:
+        _require(
+            self.inline_images in INLINE_MODES,
+            "images.inline_images",
+            f"must be one of {', '.join(INLINE_MODES)}",
+        )
+        _require(
+            self.backend in IMAGE_BACKENDS,
+            "images.backend",
+            f"must be one of {', '.join(IMAGE_BACKENDS)}",
+        )
+        _require(
+            1 <= self.max_image_bytes <= 1024**3, "images.max_image_bytes", "must be 1..1073741824"
+        )
+        for key in ("fetch_timeout_s", "connect_timeout_s", "read_timeout_s"):
+            value = getattr(self, key)
+            _require(0 < value <= 3600, f"images.{key}", "must be > 0 and <= 3600")
+        _require(0 <= self.max_redirects <= 10, "images.max_redirects", "must be 0..10")
+        _require(1 <= self.fetch_attempts <= 10, "images.fetch_attempts", "must be 1..10")
+        if self.ca_bundle:
+            _require(Path(self.ca_bundle).is_file(), "images.ca_bundle", "must name a PEM file")
 
 
 @dataclass
@@ -190,6 +313,28 @@ class SimulatorSettings:
 
 
 @dataclass
+class HttpSettings:
+    """The side server for probes and metrics (``/healthz``, ``/readyz``, ``/metrics``)."""
+
+    port: int = 0  # 0: no server
+    # All interfaces: the kubelet's probes and the scraper come from outside the pod.
+    host: str = "0.0.0.0"
+    # /healthz turns 503 when nothing was pulled or finished (and the source did not
+    # answer "nothing to do") for this long.
+    stall_timeout_s: float = 300.0
+    # /healthz turns 503 when the event loop fell this far behind its watchdog.
+    max_loop_lag_s: float = 5.0
+
+    def validate(self) -> None:
+        _require(0 <= self.port <= 65_535, "http.port", "must be 0..65535 (0 = no server)")
+        _require(bool(self.host), "http.host", "must not be empty")
+        _require(
+            0 < self.stall_timeout_s <= 86_400, "http.stall_timeout_s", "must be > 0 and <= 86400"
+        )
+        _require(0 < self.max_loop_lag_s <= 3600, "http.max_loop_lag_s", "must be > 0 and <= 3600")
+
+
+@dataclass
 class LogSettings:
     level: str = "info"
     format: str = "auto"
@@ -211,8 +356,11 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
+    pubsub: PubSubSettings = field(default_factory=PubSubSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):

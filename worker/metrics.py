@@ -1,0 +1,456 @@
+"""What a running worker reports: Prometheus metrics, liveness and readiness.
+
+Most numbers already exist as plain counters on the objects that do the work (the
+pipeline's :class:`~worker.pipeline.RunStats`, its limiters, the token provider, the
+source). :class:`Telemetry` reads them when ``/metrics`` is scraped instead of mirroring
+every event into ``prometheus_client`` objects, so a job costs the worker a few integer
+increments and one histogram bucket bump, not a handful of locked metric updates.
+
+Each :class:`Telemetry` has its own :class:`~prometheus_client.CollectorRegistry` (not the
+process-global one), so tests can run several workers in one process.
+
+Sources may expose, duck-typed (neither is required):
+
+* ``answered_at``: ``time.monotonic()`` of the source's latest answer from upstream, an
+  empty pull included. It tells liveness "had nothing to do" apart from "stuck", and
+  readiness that the source is reachable before the first job arrives.
+* integer attributes named in :data:`SOURCE_COUNTERS` (``acked``, ``nacked``,
+  ``extended``, ``ack_failures``...), and ``counters()`` -> ``{name: number}`` for any
+  others: exported as ``worker_source_<name>_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .protocols import Delivery
+
+__all__ = ["LatencyHistogram", "Telemetry", "status_label"]
+
+log = logging.getLogger("worker.metrics")
+
+Phase = Literal["starting", "running", "draining", "stopped"]
+
+# Seconds. Model calls run from ~100 ms to the 120 s timeout; sink writes are an fsync
+# or a publish round trip.
+MODEL_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600, 1800)
+SINK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# How often the loop watchdog ticks, and for how many multiples of max_loop_lag_s a lag
+# it saw keeps /healthz at 503 (a probe answered right after a freeze must still see it).
+WATCHDOG_TICK_S = 0.25
+LAG_MEMORY_FACTOR = 2.0
+
+
+class LatencyHistogram:
+    """A Prometheus-style histogram without locks: the worker observes from one event
+    loop thread, and the scrape reads it on the same loop."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(float(b) for b in bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last slot is +Inf
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (le = "<=").
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((_fmt_bound(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+def _fmt_bound(bound: float) -> str:
+    return str(int(bound)) + ".0" if bound.is_integer() else repr(bound)
+
+
+def status_label(exc: BaseException | None) -> str:
+    """The label of a model answer: its HTTP status, or what went wrong on the wire."""
+    if exc is None:
+        return "200"
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return str(status)
+    name = type(exc).__name__
+    if "Timeout" in name or isinstance(exc, TimeoutError):
+        return "timeout"
+    if "Connection" in name or isinstance(exc, ConnectionError):
+        return "connection_error"
+    return "error"
+
+
+def _publish_epoch(source_info: Mapping[str, Any] | None) -> float | None:
+    if not source_info:
+        return None
+    text = source_info.get("publish_time")
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+class Telemetry:
+    """Live state for ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    The pipeline calls :meth:`received`, :meth:`model_answered` and :meth:`finished`
+    (through its ``observer``); sink writers call the function from :meth:`sink_observer`.
+    Everything else is read from the attached objects when scraped.
+    """
+
+    def __init__(
+        self,
+        *,
+        stall_timeout_s: float = 300.0,
+        max_loop_lag_s: float = 5.0,
+        process_metrics: bool = True,
+        watch_progress: bool = True,
+    ) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        # False for the push server: no request for an hour is not a stall.
+        self.watch_progress = watch_progress
+        self.max_loop_lag_s = max_loop_lag_s
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.phase: Phase = "starting"
+        self.started_at = time.monotonic()
+        self.drain_started_at: float | None = None
+        self.pipeline: Pipeline | None = None
+        self.source: Any = None
+        self.tokens: Any = None
+        self.auth_required = False
+        self._source_answered = False
+        self._last_progress = self.started_at
+        # Loop watchdog.
+        self._last_tick = self.started_at
+        self.loop_lag_s = 0.0
+        self._lag_seen_at = -math.inf
+        self._lag_seen_s = 0.0
+        # Per-event aggregates (cheap: see LatencyHistogram).
+        self.model_latency = LatencyHistogram(MODEL_BUCKETS_S)
+        self.job_latency = LatencyHistogram(JOB_BUCKETS_S)
+        self.sink_latency: dict[str, LatencyHistogram] = {}
+        self.sink_records: dict[str, int] = {}
+        self.model_requests: dict[str, int] = {}
+        self.queue_lag_s: float | None = None
+        self.registry.register(_Collector(self))
+        if process_metrics:
+            ProcessCollector(registry=self.registry)
+
+    # -- wiring ----------------------------------------------------------------------
+
+    def attach(self, pipeline: Pipeline, source: Any) -> None:
+        self.pipeline = pipeline
+        self.source = source
+
+    def set_tokens(self, tokens: Any, *, auth_required: bool) -> None:
+        """The runtime holds its first token (``start()`` returned)."""
+        self.tokens = tokens
+        self.auth_required = auth_required
+
+    def sink_observer(self, name: str) -> Callable[[int, float], None]:
+        """An ``on_write`` callback for :class:`~worker.sinks.batch.BatchWriter`."""
+        hist = self.sink_latency.setdefault(name, LatencyHistogram(SINK_BUCKETS_S))
+        self.sink_records.setdefault(name, 0)
+
+        def on_write(records: int, seconds: float) -> None:
+            hist.observe(seconds)
+            self.sink_records[name] += records
+
+        return on_write
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def mark_running(self) -> None:
+        if self.phase == "starting":
+            self.phase = "running"
+            self._last_progress = time.monotonic()
+
+    def begin_drain(self) -> None:
+        if self.phase in ("starting", "running"):
+            self.phase = "draining"
+            self.drain_started_at = time.monotonic()
+
+    def mark_stopped(self) -> None:
+        self.phase = "stopped"
+
+    def mark_source_answered(self) -> None:
+        """For sources without ``answered_at`` (and the push server): upstream answered."""
+        self._source_answered = True
+        self._last_progress = time.monotonic()
+
+    # -- pipeline observer (hot path: keep these to a few operations) -------------------
+
+    def received(self, delivery: Delivery) -> None:
+        self._source_answered = True
+        self._last_progress = time.monotonic()
+        published = _publish_epoch(delivery.source_info)
+        if published is not None:
+            self.queue_lag_s = max(0.0, time.time() - published)
+
+    def model_answered(self, exc: BaseException | None, latency_s: float) -> None:
+        label = status_label(exc)
+        self.model_requests[label] = self.model_requests.get(label, 0) + 1
+        self.model_latency.observe(latency_s)
+
+    def finished(self, latency_s: float) -> None:
+        self._last_progress = time.monotonic()
+        self.job_latency.observe(latency_s)
+
+    # -- health ----------------------------------------------------------------------
+
+    async def watch_loop(self) -> None:
+        """Tick until cancelled; a late tick is time the loop could not run anything."""
+        while True:
+            before = time.monotonic()
+            await anyio.sleep(WATCHDOG_TICK_S)
+            now = time.monotonic()
+            self._last_tick = now
+            self.loop_lag_s = max(0.0, now - before - WATCHDOG_TICK_S)
+            if self.loop_lag_s > self.max_loop_lag_s:
+                self._lag_seen_at = now
+                self._lag_seen_s = self.loop_lag_s
+                log.warning("event_loop_stalled", extra={"latency_s": round(self.loop_lag_s, 3)})
+
+    def last_progress(self) -> float:
+        answered = getattr(self.source, "answered_at", None)
+        if isinstance(answered, int | float) and answered > self._last_progress:
+            return float(answered)
+        return self._last_progress
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        behind_s = now - self._last_tick - WATCHDOG_TICK_S
+        recent_lag = now - self._lag_seen_at <= LAG_MEMORY_FACTOR * self.max_loop_lag_s
+        idle_s = now - self.last_progress()
+        detail: dict[str, Any] = {
+            "phase": self.phase,
+            "loop_lag_s": round(max(behind_s, self.loop_lag_s), 3),
+            "since_progress_s": round(idle_s, 3),
+        }
+        if behind_s > self.max_loop_lag_s or recent_lag:
+            detail["reason"] = "event loop stalled"
+            if recent_lag:
+                detail["loop_lag_s"] = round(max(detail["loop_lag_s"], self._lag_seen_s), 3)
+            return False, detail
+        # A draining worker is finishing work on a clock of its own (the grace period).
+        stalled = self.watch_progress and idle_s > self.stall_timeout_s
+        if self.phase in ("starting", "running") and stalled:
+            detail["reason"] = f"no progress for {idle_s:.1f} s"
+            return False, detail
+        return True, detail
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {"phase": self.phase}
+        if self.phase != "running":
+            detail["reason"] = self.phase
+            return False, detail
+        if self.auth_required and not self._token_held():
+            detail["reason"] = "no usable token"
+            return False, detail
+        answered = self._source_answered or getattr(self.source, "answered_at", None) is not None
+        if not answered:
+            detail["reason"] = "source has not answered yet"
+            return False, detail
+        return True, detail
+
+    def _token_held(self) -> bool:
+        if self.tokens is None:
+            return False
+        expires_at = getattr(self.tokens, "expires_at", None)
+        return expires_at is None or expires_at > time.time()
+
+    # -- exposition ------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _histogram(
+    name: str, doc: str, hist: LatencyHistogram, labels: Mapping[str, str] | None = None
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=list(labels or {}))
+    family.add_metric(list((labels or {}).values()), hist.buckets(), hist.total)
+    return family
+
+
+class _Collector(Collector):
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.t = telemetry
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.t
+        p = t.pipeline
+        if p is not None:
+            s = p.stats
+            yield _counter("worker_jobs_received", "Jobs taken from the source.", s.received)
+            yield _counter(
+                "worker_jobs_succeeded", "Jobs whose result is in the result sink.", s.ok
+            )
+            yield _counter(
+                "worker_jobs_dead_lettered",
+                "Jobs that failed permanently; their error record is in the dead-letter sink.",
+                s.dead_lettered,
+            )
+            yield _counter(
+                "worker_jobs_nacked", "Jobs handed back to the source unfinished.", s.nacked
+            )
+            yield _counter(
+                "worker_jobs_skipped", "Jobs skipped because their id was already done.", s.skipped
+            )
+            yield _counter(
+                "worker_jobs_failed",
+                "Jobs that could be put nowhere (sink down, source cannot take them back).",
+                s.failed,
+            )
+            yield _counter("worker_model_retries", "Model requests retried (any cause).", s.retries)
+            yield _counter(
+                "worker_model_rate_limited",
+                "Model answers 429 / RESOURCE_EXHAUSTED.",
+                s.rate_limited,
+            )
+            yield _gauge(
+                "worker_jobs_in_flight", "Jobs admitted and not yet finished.", p.in_flight
+            )
+            limiter = p.limiter
+            yield _gauge(
+                "worker_concurrency_limit",
+                "Model requests allowed in flight now (moves under --concurrency auto).",
+                limiter.limit,
+            )
+            yield _gauge(
+                "worker_model_requests_in_flight",
+                "Model requests in flight now.",
+                limiter.in_use,
+            )
+        requests = CounterMetricFamily(
+            "worker_model_requests",
+            "Model requests by answer: HTTP status, timeout or connection_error.",
+            labels=["code"],
+        )
+        for code, n in sorted(t.model_requests.items()):
+            requests.add_metric([code], n)
+        yield requests
+        yield _histogram(
+            "worker_model_latency_seconds",
+            "Time of one model request, answer or failure.",
+            t.model_latency,
+        )
+        yield _histogram(
+            "worker_job_latency_seconds",
+            "End to end: from admission to the job's ack or nack.",
+            t.job_latency,
+        )
+        sink = HistogramMetricFamily(
+            "worker_sink_write_seconds",
+            "Time of one group-committed sink write.",
+            labels=["sink"],
+        )
+        records = CounterMetricFamily(
+            "worker_sink_records", "Records durably written.", labels=["sink"]
+        )
+        for name, hist in sorted(t.sink_latency.items()):
+            sink.add_metric([name], hist.buckets(), hist.total)
+            records.add_metric([name], t.sink_records[name])
+        yield sink
+        yield records
+        if t.queue_lag_s is not None:
+            yield _gauge(
+                "worker_queue_lag_seconds",
+                "Now minus publish time of the latest job received, at its receipt.",
+                t.queue_lag_s,
+            )
+        tokens = t.tokens
+        if tokens is not None and hasattr(tokens, "refreshes"):
+            yield _counter("worker_token_refreshes", "Access-token refreshes.", tokens.refreshes)
+            yield _counter(
+                "worker_token_refresh_failures",
+                "Access-token refreshes that failed.",
+                getattr(tokens, "refresh_failures", 0),
+            )
+            expires_at = getattr(tokens, "expires_at", None)
+            if expires_at is not None:
+                yield _gauge(
+                    "worker_token_expiry_seconds",
+                    "Seconds until the access token held expires.",
+                    expires_at - time.time(),
+                )
+        yield from _source_counters(t.source)
+        yield _gauge(
+            "worker_event_loop_lag_seconds",
+            "How late the loop watchdog's latest tick was.",
+            t.loop_lag_s,
+        )
+        yield _phase(t.phase)
+
+
+# Plain integer attributes a queue source may keep (the Pub/Sub source does), exported as
+# worker_source_<name>_total. Counted per message, not per request.
+SOURCE_COUNTERS = {
+    "acked": "Messages acknowledged, confirmed by the service.",
+    "nacked": "Messages handed back (modifyAckDeadline 0), confirmed by the service.",
+    "extended": "Lease extensions sent (modifyAckDeadline), per message.",
+    "lease_expired": "Messages let go at max_lease_s.",
+    "ack_failures": "Acks that failed after retries (the message will be redelivered).",
+    "modack_failures": "Lease extensions or nacks that failed after retries.",
+}
+
+
+def _source_counters(source: Any) -> Iterator[Metric]:
+    seen: set[str] = set()
+    for name, doc in SOURCE_COUNTERS.items():
+        value = getattr(source, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            seen.add(name)
+            yield _counter(f"worker_source_{name}", doc, value)
+    counters = getattr(source, "counters", None)
+    if callable(counters):
+        for name, value in sorted(counters().items()):
+            if name not in seen:
+                yield _counter(f"worker_source_{name}", f"Source: {name.replace('_', ' ')}.", value)
+
+
+def _phase(phase: Phase) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "worker_phase", "1 for the phase the worker is in.", labels=["phase"]
+    )
+    for name in ("starting", "running", "draining", "stopped"):
+        family.add_metric([name], 1.0 if name == phase else 0.0)
+    return family
