@@ -179,7 +179,7 @@ def test_default_toml_documents_every_key() -> None:
             assert documented[section.name][f.name] == getattr(body, f.name), (
                 f"{section.name}.{f.name}"
             )
-    for name in ("local", "vertex", "default"):
+    for name in ("local", "vertex", "pubsub", "default"):
         load_settings(REPO / "config" / f"{name}.toml", env={})
 
 

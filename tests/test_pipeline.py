@@ -206,3 +206,48 @@ async def test_rerun_skips_jobs_already_done(
     results, dead = _outputs(fast_settings)
     assert len(results) == 10
     assert len(dead) == 1
+
+
+async def test_auto_concurrency_admits_jobs_in_proportion_to_the_limit(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    """A small quota settles the limit low; the pipeline must not hold hundreds of jobs
+    (leased queue messages, in production) that it cannot send."""
+    import anyio
+
+    from worker.app import run_pipeline, runtime
+    from worker.pipeline import Pipeline
+    from worker.sinks import JsonlSink
+    from worker.sources import MemorySource
+
+    sim.config.latency_ms = 50.0
+    sim.config.rate_limit_rps = 60.0
+    sim.config.rate_burst = 5.0
+    fast_settings.worker.concurrency = "auto"
+    fast_settings.worker.max_concurrency = 200  # a fixed ceiling would admit 400 jobs
+    source = MemorySource([f"gs://b/{i}.jpg".encode() for i in range(200)])
+    sink = JsonlSink(str(tmp_path / "r.jsonl"))
+    dead = JsonlSink(str(tmp_path / "d.jsonl"))
+    started: list[Pipeline] = []
+    samples: list[tuple[int, int]] = []
+
+    async def sample() -> None:
+        while not started:
+            await anyio.sleep(0.005)
+        while True:
+            samples.append((started[0].in_flight, started[0].limiter.limit))
+            await anyio.sleep(0.01)
+
+    async with runtime(fast_settings) as rt, anyio.create_task_group() as tg:
+        tg.start_soon(sample)
+        stats = await run_pipeline(
+            rt, source, sink, dead, resume=False, handle_signals=False, on_start=started.append
+        )
+        tg.cancel_scope.cancel()
+
+    assert stats.ok == 200
+    assert sim.stats().by_status.get(429, 0) > 0  # the quota was hit
+    peak_in_flight = max(n for n, _ in samples)
+    peak_limit = max(limit for _, limit in samples)
+    assert peak_in_flight <= 2 * peak_limit + 8
+    assert peak_in_flight < 100, samples[:20]

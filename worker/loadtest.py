@@ -21,7 +21,7 @@ import time
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,7 @@ class _Capped:
         # starts when the source has them: pass them through.
         self.run_services: Any = getattr(source, "run_services", None)
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:
+    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
         n = 0
         async for delivery in self._source.deliveries():
             yield delivery

@@ -119,6 +119,10 @@ class Pipeline:
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
+        self._max_jobs_in_flight = jobs_in_flight
+        self._followed_limit = 0
+        # Optional source hook: how many jobs the pipeline can take now (see _follow_limit).
+        self._source_capacity: Callable[[int], None] | None = getattr(source, "set_capacity", None)
         self.done_ids = done_ids or set()
         self.stats = RunStats()
         self._on_model_result = on_model_result
@@ -142,6 +146,23 @@ class Pipeline:
     def in_flight(self) -> int:
         return self.admission.in_use
 
+    def _follow_limit(self) -> None:
+        """Under ``--concurrency auto`` admit jobs in proportion to the model limit in force.
+
+        With a fixed ceiling of 2 x max_concurrency, a quota that settles the limit at 30
+        would still hold 500 jobs: they age inside the worker, and a queue's messages stay
+        leased here instead of going to replicas with room. Twice the limit (plus a little
+        for jobs busy reading images or writing records) keeps every slot fed.
+        """
+        limit = self.limiter.limit
+        if limit == self._followed_limit or not self.limiter.adaptive:
+            return
+        self._followed_limit = limit
+        jobs = max(1, min(self._max_jobs_in_flight, 2 * limit + 8))
+        self.admission.set_limit(jobs)
+        if self._source_capacity is not None:
+            self._source_capacity(jobs)
+
     # -- the run ---------------------------------------------------------------------
 
     async def run(self) -> RunStats:
@@ -149,16 +170,32 @@ class Pipeline:
 
         The sink writers must be running (``BatchWriter.run``) in an enclosing task group.
         """
+        deliveries = self.source.deliveries()
         try:
             async with anyio.create_task_group() as jobs:
                 self._jobs_scope = jobs.cancel_scope
                 with self._stop_reading:
-                    async for delivery in self.source.deliveries():
+                    while True:
+                        # Room first, then the next job: the source is read only as far
+                        # as there is room for what it yields.
+                        self._follow_limit()
                         await self.admission.acquire()
+                        try:
+                            delivery = await anext(deliveries)
+                        except StopAsyncIteration:
+                            self.admission.release()
+                            break
+                        except BaseException:
+                            self.admission.release()
+                            raise
                         self.stats.received += 1
                         if self._observer is not None:
                             self._observer.received(delivery)
                         jobs.start_soon(self._handle, delivery)
+                # Close the generator here, inside the task group's cancel scope, so the
+                # source sees the consumer stop (it pulls nothing more).
+                with anyio.CancelScope(shield=True):
+                    await deliveries.aclose()
         finally:
             self.stats.finished_at = time.monotonic()
         return self.stats
@@ -179,6 +216,7 @@ class Pipeline:
             with anyio.CancelScope(shield=True):
                 await self._finish(delivery, outcome)
         finally:
+            self._follow_limit()
             self.admission.release()
             if self._observer is not None:
                 self._observer.finished(time.monotonic() - admitted_at)

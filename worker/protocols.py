@@ -7,7 +7,7 @@ files or Pub/Sub.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 __all__ = ["Delivery", "Record", "Sink", "Source"]
@@ -39,7 +39,7 @@ class Source(Protocol):
     #: below the working directory by default. Remote input (queues) is not trusted.
     trusted: bool
 
-    def deliveries(self) -> AsyncIterator[Delivery]:
+    def deliveries(self) -> AsyncGenerator[Delivery, None]:
         """Yield jobs. The pipeline asks for the next one only when it has room."""
         ...
 

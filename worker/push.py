@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -201,7 +201,7 @@ class PushSource:
 
     # -- pipeline side -------------------------------------------------------------------
 
-    async def deliveries(self) -> AsyncIterator[PushDelivery]:
+    async def deliveries(self) -> AsyncGenerator[PushDelivery, None]:
         try:
             while True:
                 if self._queue:

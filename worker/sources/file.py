@@ -8,7 +8,7 @@ job when it has room), so memory stays flat on a file of millions of lines.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import BinaryIO
 
 import anyio
@@ -43,7 +43,7 @@ class FileSource:
         self.path = path
         self.name = f"file:{path}"
 
-    async def deliveries(self) -> AsyncIterator[LocalDelivery]:
+    async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
         try:
             handle = await anyio.to_thread.run_sync(open, self.path, "rb")
         except OSError as exc:
@@ -62,7 +62,7 @@ class StdinSource:
     trusted = True
     name = "stdin:"
 
-    async def deliveries(self) -> AsyncIterator[LocalDelivery]:
+    async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
         async for line in _lines(sys.stdin.buffer):
             yield LocalDelivery(line)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ class MemorySource:
         self.name = name
         self.trusted = trusted
 
-    async def deliveries(self) -> AsyncIterator[LocalDelivery]:
+    async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
         for data in self._jobs:
             yield LocalDelivery(data)
 

@@ -30,7 +30,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,7 @@ class PubSubSource:
         self.name = f"pubsub:{subscription}"
         self.client = client
         self.max_messages = max(1, max_outstanding_messages)
+        self._configured_max_messages = self.max_messages
         self.max_bytes = max_outstanding_bytes
         self.lease_extension_s = lease_extension_s
         self.max_lease_s = max_lease_s
@@ -192,6 +193,14 @@ class PubSubSource:
             return 0
         return max(0, self.max_messages - len(self._held) - self._reserved)
 
+    def set_capacity(self, jobs: int) -> None:
+        """The pipeline can take ``jobs`` now (it follows an adaptive model limit): hold
+        about that many, a quarter more so the next jobs are already pulled, never more
+        than configured. Messages beyond it stay in the subscription for other replicas."""
+        self.max_messages = max(1, min(self._configured_max_messages, jobs + max(1, jobs // 4)))
+        self._min_pull = max(1, min(100, self.max_messages // 10))
+        self._capacity_changed()
+
     def _capacity_changed(self) -> None:
         self._wake_puller.set()
         self._wake_puller = anyio.Event()
@@ -203,7 +212,7 @@ class PubSubSource:
 
     # -- consumer side -------------------------------------------------------------------
 
-    async def deliveries(self) -> AsyncIterator[PubSubDelivery]:
+    async def deliveries(self) -> AsyncGenerator[PubSubDelivery, None]:
         if not self._services_running:
             raise RuntimeError("PubSubSource.run_services must be running before deliveries()")
         try:
