@@ -12,7 +12,6 @@ from typing import Any, cast
 
 import httpx2
 import openai
-from openai._types import RequestOptions
 
 from .auth import NoTokens, TokenProvider
 from .settings import ModelSettings
@@ -76,7 +75,8 @@ class ModelClient:
                 default_headers=cast("dict[str, str]", dict.fromkeys(stainless, openai.omit))
             )
         # Built once: every request shares these (the SDK copies what it merges).
-        self._options: RequestOptions = {}
+        # Typed loosely on purpose: the SDK's RequestOptions type lives in a private module.
+        self._options: dict[str, Any] = {}
         if isinstance(tokens, NoTokens):
             # No credentials at all: tell the SDK the header is left out on purpose.
             self._options["headers"] = {"Authorization": openai.omit}
@@ -111,7 +111,10 @@ class ModelClient:
         if self._max_tokens is not None:
             body["max_tokens"] = self._max_tokens
         response = await self.client.post(
-            "/chat/completions", cast_to=httpx2.Response, body=body, options=self._options
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            body=body,
+            options=cast(Any, self._options),
         )
         return self._answer(response.content)
 
@@ -129,22 +132,26 @@ class ModelClient:
         finish_reason = choice.get("finish_reason")
         if not isinstance(text, str):
             raise EmptyAnswer(finish_reason if isinstance(finish_reason, str) else "no text")
-        usage = data.get("usage")
         model = data.get("model")
         return Answer(
             text=text,
             model=model if isinstance(model, str) and model else self.settings.model,
-            usage=(
-                {
-                    "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                    "completion_tokens": int(usage.get("completion_tokens") or 0),
-                    "total_tokens": int(usage.get("total_tokens") or 0),
-                }
-                if isinstance(usage, dict)
-                else None
-            ),
+            usage=_usage(data.get("usage")),
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
+
+
+def _usage(usage: Any) -> dict[str, int] | None:
+    """Token counts as integers; a backend that reports none (or nonsense) gets None."""
+    if not isinstance(usage, dict):
+        return None
+    try:
+        return {
+            key: int(usage.get(key) or 0)
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+    except (TypeError, ValueError):
+        return None
 
 
 class EmptyAnswer(Exception):
