@@ -5,8 +5,9 @@ limit (``--concurrency N``) sets it once; :class:`AdaptiveLimiter` (``--concurre
 moves it between ``min_concurrency`` and ``max_concurrency`` from what the model answers:
 
 * **multiplicative decrease** on 429 / ``RESOURCE_EXHAUSTED`` and on timeouts, at most
-  once per round trip (a burst of 429s from one window is one congestion signal, not
-  fifty). The cut goes at least down to what the quota just proved it can carry: the
+  once per round trip, and only for requests sent after the last cut (a burst of 429s
+  from one window is one congestion signal, not fifty). Leaving slow start the window is
+  halved, later cuts take 10%. The cut goes at least down to what the quota just proved it can carry: the
   requests that succeeded in the last round trip (Little's law: rate x latency), so an
   overshoot of 4x is undone in one step instead of thirteen;
 * a 429 keeps its slot for one round trip: a rejected request comes back in a
@@ -14,7 +15,7 @@ moves it between ``min_concurrency`` and ``max_concurrency`` from what the model
   quota into a storm of instant 429s;
 * a **pause** of new requests for as long as ``Retry-After`` / ``retry-after-ms`` asks;
 * **additive increase** while requests succeed *and* the limit is actually in use (an idle
-  limit proves nothing about the quota). Growth starts as slow start (x1.5 per round
+  limit proves nothing about the quota). Growth starts as slow start (x1.25 per round
   trip) until the first congestion signal; then +1/4 per round trip while below the
   level of the last signal (creeping up on the quota keeps 429s rare), and past it +1
   per round trip, the step doubling for every further round trip without a signal
@@ -227,7 +228,7 @@ class AdaptiveLimiter(Limiter):
                 if until > self._paused_until:
                     self._paused_until = until
                     self.pauses += 1
-            self._on_congestion(now)
+            self._on_congestion(now, now - latency_s)
             if outcome == "rate_limited":
                 self._hold_slot()
 
@@ -259,9 +260,9 @@ class AdaptiveLimiter(Limiter):
         if self._window >= self.max_limit:
             return
         if self._slow_start:
-            # x1.5 per round trip: a gentler overshoot than TCP's doubling, since every
+            # x1.25 per round trip: a gentler overshoot than TCP's doubling, since every
             # request beyond the quota comes back as a 429.
-            self._window += 0.5
+            self._window += 0.25
         elif self._window < self._w_max:
             # Below the level of the last congestion signal: creep up on it (+1/4 per
             # round trip), so the sawtooth's period is long and its 429s are few.
@@ -277,7 +278,10 @@ class AdaptiveLimiter(Limiter):
         self._window = min(self._window, float(self.max_limit))
         self._apply()
 
-    def _on_congestion(self, now: float) -> None:
+    def _on_congestion(self, now: float, sent_at: float) -> None:
+        if sent_at < self._last_decrease:
+            # Sent under a window already cut: its rejection says nothing about the new one.
+            return
         self._rejected_since_cut += 1
         if now - self._last_decrease < self._cooldown_s() and self._rejected_since_cut <= max(
             2.0, self._window * (1.0 - self.backoff)
@@ -287,7 +291,6 @@ class AdaptiveLimiter(Limiter):
             return
         self._last_decrease = now
         self._rejected_since_cut = 0
-        self._slow_start = False
         self._step = 1.0
         # Past the old level, probe gently (+1 per round trip) for a few round trips
         # before probing harder.
@@ -297,7 +300,10 @@ class AdaptiveLimiter(Limiter):
         while delivered and delivered[0] < horizon:
             delivered.popleft()
         self._w_max = self._window
-        cut = self._window * self.backoff
+        # Leaving slow start, halve (as TCP does): the window grew x1.25 per round trip and
+        # a quota's burst allowance can hide its level for a while, so the first signal
+        # comes late and the overshoot is large. Later signals come from small probes.
+        cut = self._window * (0.5 if self._slow_start else self.backoff)
         # What the quota carried in the last round trip is a measurement only when the
         # limit was in use (a quiet spell carries little and proves nothing); and no
         # single step cuts below a quarter.
@@ -305,6 +311,7 @@ class AdaptiveLimiter(Limiter):
             carried = float(len(delivered))
             cut = min(cut, max(carried, self._window * 0.25))
         self._window = max(float(self.min_limit), cut)
+        self._slow_start = False
         self.decreases += 1
         self._apply()
 
