@@ -146,8 +146,20 @@ def _parse_json_job(text: str, raw: bytes, default_id: str | None) -> Job:
     )
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC now as ``2026-11-26T03:29:30.213Z``. Every record carries one, so the
+    date-and-time part is formatted once per second and reused."""
+    global _second_cache
+    now = time.time()
+    second = int(now)
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1000):03d}Z"
 
 
 def result_record(
