@@ -251,3 +251,44 @@ async def test_auto_concurrency_admits_jobs_in_proportion_to_the_limit(
     peak_limit = max(limit for _, limit in samples)
     assert peak_in_flight <= 2 * peak_limit + 8
     assert peak_in_flight < 100, samples[:20]
+
+
+async def test_drain_hands_back_jobs_still_waiting_for_a_model_slot(
+    fast_settings: Settings, sim: Simulator, tmp_path: Path
+) -> None:
+    """On SIGTERM, jobs talking to the model finish; jobs queued for a slot are handed
+    back at once instead of starting calls the grace period may cut short."""
+    import time
+
+    import anyio
+
+    from worker.app import run_pipeline, runtime
+    from worker.pipeline import Pipeline
+    from worker.sinks import JsonlSink
+    from worker.sources import MemorySource
+
+    sim.config.latency_ms = 800.0
+    fast_settings.worker.concurrency = 2  # and 4 jobs admitted: 2 calling, 2 waiting
+    source = MemorySource([f"gs://b/{i}.jpg".encode() for i in range(20)])
+    sink = JsonlSink(str(tmp_path / "r.jsonl"))
+    dead = JsonlSink(str(tmp_path / "d.jsonl"))
+    started: list[Pipeline] = []
+
+    async def drain_soon() -> None:
+        while not started or sim.stats().in_flight < 2:
+            await anyio.sleep(0.01)
+        started[0].drain()
+
+    t0 = time.monotonic()
+    async with runtime(fast_settings) as rt, anyio.create_task_group() as tg:
+        tg.start_soon(drain_soon)
+        stats = await run_pipeline(
+            rt, source, sink, dead, resume=False, handle_signals=False, on_start=started.append
+        )
+    elapsed = time.monotonic() - t0
+
+    assert stats.ok == 2  # the two calls under way finished and were written
+    assert stats.nacked == 2  # the two waiting for a slot went back untouched
+    assert sim.stats().requests == 2
+    assert elapsed < 1.5, "the drain did not wait for a second round of calls"
+    assert len(read_jsonl(tmp_path / "r.jsonl")) == 2

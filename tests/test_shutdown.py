@@ -188,7 +188,12 @@ async def test_drain_time_with_200_jobs_in_flight(
         for e in map(json.loads, err.read_text().splitlines())
         if e["message"] == "shutdown_complete"
     ]
-    assert complete and complete[0]["nacked"] == 0, "every job in flight finished in the grace"
+    assert complete, "shutdown_complete was logged"
+    # The 200 calls under way at SIGTERM finished, were written and acked; jobs still
+    # waiting for a model slot went straight back to the subscription (counted as nacked)
+    # instead of starting calls the grace might cut short.
+    assert len(done) >= in_flight
+    assert complete[0]["nacked"] <= metrics["worker_jobs_in_flight"] - in_flight
     assert metrics["worker_concurrency_limit"] == 200
     assert metrics["worker_model_requests_in_flight"] == 200
     assert metrics["worker_jobs_in_flight"] >= 200

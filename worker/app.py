@@ -297,7 +297,7 @@ async def _watch_signals(pipeline: Pipeline, grace_s: float, telemetry: Telemetr
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             telemetry.begin_drain()  # readiness 503 first: stop being sent work
-            pipeline.stop_reading()
+            pipeline.drain()
             log.info(
                 "shutdown_requested",
                 extra={

@@ -88,8 +88,12 @@ class RunStats:
 
 @dataclass(slots=True)
 class _Outcome:
-    kind: Literal["ok", "dead", "retry", "skip"]
+    kind: Literal["ok", "dead", "retry", "skip", "drained"]
     record: Record | None = None
+
+
+class _Drained(Exception):
+    """The job was still waiting for a model slot when the worker began to drain."""
 
 
 class Pipeline:
@@ -128,6 +132,9 @@ class Pipeline:
         self._on_model_result = on_model_result
         self._observer = observer
         self._stop_reading = anyio.CancelScope()
+        # Jobs waiting for quota or a model slot: on drain they are handed back at once.
+        self._draining = False
+        self._waiting_for_slot: set[anyio.CancelScope] = set()
         self._jobs_scope: anyio.CancelScope | None = None
 
     # -- control -------------------------------------------------------------------
@@ -135,6 +142,15 @@ class Pipeline:
     def stop_reading(self) -> None:
         """Take no more jobs from the source; those admitted carry on."""
         self._stop_reading.cancel()
+
+    def drain(self) -> None:
+        """Shutdown: take no more jobs; jobs talking to the model carry on, and jobs still
+        waiting for quota or a model slot are handed back at once: they could only start
+        calls that the shutdown grace may cut short, spending quota for nothing."""
+        self.stop_reading()
+        self._draining = True
+        for scope in self._waiting_for_slot:
+            scope.cancel()
 
     def abandon_in_flight(self) -> None:
         """Cancel jobs still talking to the model; each is nacked (shielded)."""
@@ -256,6 +272,8 @@ class Pipeline:
                 budget,
                 on_retry=self._note_retry,
             )
+        except _Drained:
+            return _Outcome("drained")
         except EmptyAnswer as exc:
             return self._dead(
                 job.id,
@@ -284,9 +302,20 @@ class Pipeline:
         # Rate ceiling first, then a slot: a request waiting for quota must not hold a
         # slot, or an adaptive limit would read the wait as demand and grow.
         ceiling = self.ceiling
-        reserved = await ceiling.acquire() if ceiling is not None else 0.0
         limiter = self.limiter
-        await limiter.acquire()
+        reserved = 0.0
+        with anyio.CancelScope() as waiting:
+            if self._draining:
+                waiting.cancel()
+            self._waiting_for_slot.add(waiting)
+            try:
+                if ceiling is not None:
+                    reserved = await ceiling.acquire()
+                await limiter.acquire()
+            finally:
+                self._waiting_for_slot.discard(waiting)
+        if waiting.cancelled_caught:
+            raise _Drained
         t0 = time.monotonic()
         try:
             answer = await self.model.describe(url, prompt)
@@ -386,6 +415,9 @@ class Pipeline:
         if outcome.kind == "skip":
             self.stats.skipped += 1
             await self._ack(delivery)
+            return
+        if outcome.kind == "drained":
+            await self._give_back(delivery)
             return
         if outcome.kind == "retry":
             if delivery.redeliverable:
