@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,27 +29,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-async def _worker(*args: str, cwd: Path = REPO, check: bool = False) -> anyio.abc.Process | object:
+async def _worker(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m worker ARGS`` from the repository root, without a developer's WORKER_*."""
     return await anyio.run_process(
-        [sys.executable, "-m", "worker", *args], cwd=cwd, env=_env(), check=check
+        [sys.executable, "-m", "worker", *args], cwd=REPO, env=env or _env(), check=False
     )
 
 
 async def test_describe_sends_exactly_the_seed_request(sim: Simulator) -> None:
-    proc = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "describe",
-            SEED_URI,
-            "--base-url",
-            sim.vertex_base_url("p", "us-central1"),
-            "--auth",
-            "none",
-        ],
-        env=_env(),
-        check=False,
+    proc = await _worker(
+        "describe",
+        SEED_URI,
+        "--base-url",
+        sim.vertex_base_url("p", "us-central1"),
+        "--auth",
+        "none",
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert len(sim.requests) == 1
@@ -75,23 +72,16 @@ async def test_describe_sends_exactly_the_seed_request(sim: Simulator) -> None:
 
 
 async def test_describe_exits_1_when_an_image_fails(sim: Simulator) -> None:
-    proc = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "describe",
-            SEED_URI,
-            "ftp://x/y.png",
-            "--base-url",
-            sim.base_url,
-            "--auth",
-            "none",
-            "--prompt",
-            "What is this?",
-        ],
-        env=_env(),
-        check=False,
+    proc = await _worker(
+        "describe",
+        SEED_URI,
+        "ftp://x/y.png",
+        "--base-url",
+        sim.base_url,
+        "--auth",
+        "none",
+        "--prompt",
+        "What is this?",
     )
     assert proc.returncode == 1
     records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
@@ -110,21 +100,7 @@ async def test_describe_exits_1_when_an_image_fails(sim: Simulator) -> None:
     ],
 )
 async def test_bad_settings_exit_2_with_one_line_naming_the_key(args: list[str], key: str) -> None:
-    proc = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            "--auth",
-            "none",
-            "--base-url",
-            "http://127.0.0.1:9/v1",
-            *args,
-        ],
-        env=_env(),
-        check=False,
-    )
+    proc = await _worker("run", "--auth", "none", "--base-url", "http://127.0.0.1:9/v1", *args)
     assert proc.returncode == 2
     err = proc.stderr.decode().strip().splitlines()
     assert len(err) == 1 and key in err[0], err
@@ -132,11 +108,7 @@ async def test_bad_settings_exit_2_with_one_line_naming_the_key(args: list[str],
 
 async def test_bad_env_value_exits_2() -> None:
     env = _env() | {"WORKER_RETRY__MAX_ATTEMPTS": "zero"}
-    proc = await anyio.run_process(
-        [sys.executable, "-m", "worker", "run", "--base-url", "http://127.0.0.1:9/v1"],
-        env=env,
-        check=False,
-    )
+    proc = await _worker("run", "--base-url", "http://127.0.0.1:9/v1", env=env)
     assert proc.returncode == 2
     assert "retry.max_attempts" in proc.stderr.decode()
 
@@ -185,24 +157,16 @@ def test_default_toml_documents_every_key() -> None:
 
 async def test_make_run_configuration_describes_every_bundled_job(tmp_path: Path) -> None:
     sink = tmp_path / "results.jsonl"
-    proc = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            "--config",
-            "config/local.toml",
-            "--sink",
-            f"jsonl:{sink}",
-            # What `make run` shows at a terminal (JSON, the default off a TTY, has no
-            # human summary line).
-            "--log-format",
-            "text",
-        ],
-        cwd=REPO,
-        env=_env(),
-        check=False,
+    proc = await _worker(
+        "run",
+        "--config",
+        "config/local.toml",
+        "--sink",
+        f"jsonl:{sink}",
+        # What `make run` shows at a terminal (JSON, the default off a TTY, has no
+        # human summary line).
+        "--log-format",
+        "text",
     )
     assert proc.returncode == 0, proc.stderr.decode()
     jobs = (REPO / "examples" / "jobs.jsonl").read_text().splitlines()

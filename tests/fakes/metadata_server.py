@@ -39,6 +39,8 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from . import start_app
+
 TOKEN_PREFIX = "ya29.fixture-"
 _V1 = "/computeMetadata/v1/"
 _SA_PREFIX = _V1 + "instance/service-accounts/"
@@ -103,17 +105,9 @@ class MetadataServer:
             raise RuntimeError("MetadataServer already started")
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner, self.port = await start_app(app, host, port)
         self._runner = runner
         self.host = host
-        self.port = int(runner.addresses[0][1])
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

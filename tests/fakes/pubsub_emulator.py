@@ -69,6 +69,8 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from . import start_app
+
 MAX_PUBLISH_BYTES = 10_000_000
 MAX_MESSAGES_PER_PUBLISH = 1000
 MAX_ACK_IDS = 1000
@@ -315,17 +317,9 @@ class PubSubEmulator:
         self._changed = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner, self.port = await start_app(app, host, port)
         self._runner = runner
         self.host = host
-        self.port = int(runner.addresses[0][1])
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def stop(self) -> None:
