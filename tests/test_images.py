@@ -374,3 +374,40 @@ def test_storage_endpoint_follows_storage_emulator_host() -> None:
         "https://gcs.test",
         True,
     )
+
+
+async def test_inline_budget_bounds_reads_and_keeps_only_what_the_url_needs(
+    tmp_path: Path,
+) -> None:
+    import anyio
+
+    image = tmp_path / "red.png"
+    image.write_bytes((EXAMPLES / "red-square.png").read_bytes())
+    policy = ImagePolicy(
+        file_root=str(tmp_path), max_image_bytes=10_000, inline_budget_bytes=40_000
+    )
+    assert policy.budget is not None
+
+    url, held = await policy.resolve_held(str(image))
+
+    assert url.startswith("data:image/png;base64,")
+    # After the read only the URL and the request body's copy of it stay reserved.
+    assert held == 2 * len(url) == policy.budget.used
+    # With the budget full, a new read (which reserves the worst case first) waits ...
+    filler = policy.budget.capacity - policy.budget.used
+    await policy.budget.take(filler)
+    with anyio.move_on_after(0.2) as blocked:
+        await policy.resolve_held(str(image))
+    assert blocked.cancelled_caught
+    assert policy.budget.used == policy.budget.capacity  # the cancelled wait took nothing
+    # ... and goes ahead once jobs release what they held.
+    policy.budget.give(filler)
+    policy.release(held)
+    assert policy.budget.used == 0
+    _, again = await policy.resolve_held(str(image))
+    policy.release(again)
+    assert policy.budget.used == 0
+    # A failed read gives its reservation back.
+    with pytest.raises(JobError):
+        await policy.resolve_held(str(tmp_path / "missing.png"))
+    assert policy.budget.used == 0

@@ -187,3 +187,33 @@ async def test_tpm_estimate_is_corrected_from_usage() -> None:
     ceiling.settle(reserved, 300)  # used half: half the reservation comes back
     assert ceiling.tokens.tokens == pytest.approx(before + 300, abs=20)
     assert ceiling.est_tokens < 600  # the next estimate learns from the answer
+
+
+async def test_byte_budget_is_first_come_first_served_and_lets_an_oversized_take_run_alone() -> (
+    None
+):
+    from worker.limits import ByteBudget
+
+    budget = ByteBudget(100)
+    await budget.take(60)
+    order: list[str] = []
+
+    async def take(n: int, name: str) -> None:
+        await budget.take(n)
+        order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, 50, "big")
+        await anyio.sleep(0.01)
+        tg.start_soon(take, 10, "small")  # would fit, but queues behind "big"
+        await anyio.sleep(0.01)
+        assert order == []
+        budget.give(60)
+        await anyio.sleep(0.01)
+        assert order == ["big", "small"]
+        assert budget.used == 60
+    budget.give(60)
+    assert budget.used == 0
+    await budget.take(500)  # larger than the budget: allowed when nothing else is held
+    assert budget.used == 500
+    budget.give(500)

@@ -208,6 +208,7 @@ async def run_pipeline(
             ),
             allow_http=settings.images.allow_http,
             fetcher=rt.fetcher,
+            inline_budget_bytes=settings.images.max_inline_bytes_in_flight,
         ),
         jobs_in_flight=settings.worker.jobs_in_flight_limit,
         done_ids=done_ids,

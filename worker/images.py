@@ -21,6 +21,7 @@ import binascii
 import os
 import re
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
@@ -28,6 +29,7 @@ import anyio.to_thread
 
 from .errors import JobError
 from .fetch import ImageFetcher
+from .limits import ByteBudget
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -98,6 +100,7 @@ class ImagePolicy:
         backend_reads_uris: bool = True,
         allow_http: bool = False,
         fetcher: ImageFetcher | None = None,
+        inline_budget_bytes: int = 0,
     ) -> None:
         if inline_images not in INLINE_MODES:
             raise ValueError(f"inline_images must be one of {INLINE_MODES}")
@@ -112,9 +115,53 @@ class ImagePolicy:
             inline_images == "auto" and backend_reads_uris
         )
         self.pass_web = inline_images == "never"
+        # Bytes of inlined images that jobs may hold at once (0: no limit). Before a fetch
+        # or file read we reserve the worst case: the raw bytes, their base64 and the
+        # request body's copy of it (11/3 of the size cap); once the URL is built the
+        # reservation shrinks to what the job keeps until its model call is over (the URL
+        # and the body's copy). So at most budget / worst-case reads run at once, and
+        # memory stays bounded however many jobs are admitted.
+        self.budget = ByteBudget(inline_budget_bytes) if inline_budget_bytes > 0 else None
+        self._worst_case_bytes = max_image_bytes * 11 // 3
 
     async def resolve(self, uri: str) -> str:
         """The URL to send for ``uri``; raises only :class:`JobError` (or cancellation)."""
+        url, held = await self.resolve_held(uri)
+        self.release(held)
+        return url
+
+    async def resolve_held(self, uri: str) -> tuple[str, int]:
+        """Like :meth:`resolve`, plus the budget bytes the caller holds for the URL: pass
+        them to :meth:`release` once the model call is over."""
+        held: list[int] = []
+        try:
+            url = await self._resolve(uri, held)
+        except BaseException:
+            self.release(sum(held))
+            raise
+        return url, sum(held)
+
+    def release(self, held: int) -> None:
+        if held and self.budget is not None:
+            self.budget.give(held)
+
+    async def _budgeted(self, held: list[int], produce: Callable[[], Awaitable[str]]) -> str:
+        """Run ``produce`` (a fetch or read that returns a data: URL) within the budget."""
+        if self.budget is None:
+            return await produce()
+        worst = self._worst_case_bytes
+        await self.budget.take(worst)
+        try:
+            url = await produce()
+        except BaseException:
+            self.budget.give(worst)
+            raise
+        keep = min(worst, 2 * len(url))
+        self.budget.give(worst - keep)
+        held.append(keep)
+        return url
+
+    async def _resolve(self, uri: str, held: list[int]) -> str:
         match = _SCHEME.match(uri)
         scheme = match.group(1).lower() if match else ""
         # Schemes are case-insensitive, but not every backend knows that: send them lowercase.
@@ -129,14 +176,17 @@ class ImagePolicy:
                 raise JobError(
                     "unsupported_scheme", "file: URIs must name a local path (file:///path)"
                 )
-            return await self._inline_file(unquote(parts.path))
+            path = unquote(parts.path)
+            return await self._budgeted(held, lambda: self._inline_file(path))
         if not scheme or len(scheme) == 1:
             # No scheme (one letter would be a Windows drive): a local path.
-            return await self._inline_file(uri)
+            return await self._budgeted(held, lambda: self._inline_file(uri))
         if scheme == "data":
             return self._data(uri)
         if scheme == "gs":
-            return await self._gs(uri)
+            if self.pass_gs_and_data:
+                return await self._gs(uri)  # checked and passed through, nothing held
+            return await self._budgeted(held, lambda: self._gs(uri))
         if scheme in ("https", "http"):
             if scheme == "http" and not self.allow_http:
                 raise JobError(
@@ -147,7 +197,12 @@ class ImagePolicy:
                 raise JobError("invalid_image_uri", f"{scheme}: URL must be {scheme}://host/path")
             if self.pass_web:
                 return uri
-            return self._as_data_url(await self._fetcher().fetch_url(uri), f"{scheme}:// image")
+            what = f"{scheme}:// image"
+
+            async def fetch() -> str:
+                return self._as_data_url(await self._fetcher().fetch_url(uri), what)
+
+            return await self._budgeted(held, fetch)
         raise JobError(
             "unsupported_scheme",
             f"scheme {scheme!r} is not supported; use gs://, https://, data: or a local path",

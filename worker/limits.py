@@ -44,7 +44,7 @@ from typing import Final
 
 import anyio
 
-__all__ = ["AdaptiveLimiter", "Limiter", "RateCeiling", "TokenBucket"]
+__all__ = ["AdaptiveLimiter", "ByteBudget", "Limiter", "RateCeiling", "TokenBucket"]
 
 DEFAULT_INITIAL: Final = 16
 # The outcomes a limiter is told about, one per model request.
@@ -410,3 +410,49 @@ class RateCeiling:
         self.tokens.give(reserved - used)
         if used_tokens:
             self.est_tokens = 0.9 * self.est_tokens + 0.1 * used
+
+
+class ByteBudget:
+    """Bytes that jobs may hold at once (inlined images), first come, first served.
+
+    ``take`` waits until the bytes fit; a request larger than the whole budget is let
+    through when nothing else is held, so one oversized take cannot wait forever.
+    """
+
+    __slots__ = ("_waiters", "capacity", "used")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: deque[tuple[int, anyio.Event]] = deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.capacity
+
+    async def take(self, n: int) -> None:
+        if not self._waiters and self._fits(n):
+            self.used += n
+            return
+        entry = (n, anyio.Event())
+        self._waiters.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:
+            if entry[1].is_set():
+                self.give(n)  # granted while being cancelled: hand it back
+            else:
+                self._waiters.remove(entry)
+                self._wake()  # we may have been blocking smaller takes behind us
+            raise
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            n, event = self._waiters.popleft()
+            self.used += n
+            event.set()

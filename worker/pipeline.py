@@ -261,7 +261,7 @@ class Pipeline:
         if job.id in self.done_ids:
             return _Outcome("skip")
         try:
-            url = await self.images.resolve(job.image_uri)
+            url, held = await self.images.resolve_held(job.image_uri)
         except JobError as exc:
             return self._dead(job.id, job.image_uri, exc.type, exc.message, 0, delivery)
         budget = RetryBudget(started_at=started)
@@ -285,6 +285,9 @@ class Pipeline:
             )
         except Exception as exc:
             return self._failed(job, exc, budget, delivery)
+        finally:
+            # The inlined image is not needed once the model has answered (or given up).
+            self.images.release(held)
         return _Outcome(
             "ok",
             result_record(

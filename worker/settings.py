@@ -257,6 +257,9 @@ class ImageSettings:
     # server, multicast, unspecified and reserved addresses stay refused).
     allow_private_networks: bool = False
     max_image_bytes: int = 7 * 1024 * 1024
+    # Inlined image bytes all jobs may hold at once (0: no limit); bounds memory however
+    # many jobs are admitted (see worker/images.py ImagePolicy.budget).
+    max_inline_bytes_in_flight: int = 512 * 1024 * 1024
     fetch_timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 10.0
@@ -277,6 +280,12 @@ class ImageSettings:
         )
         _require(
             1 <= self.max_image_bytes <= 1024**3, "images.max_image_bytes", "must be 1..1073741824"
+        )
+        _require(
+            self.max_inline_bytes_in_flight == 0
+            or self.max_inline_bytes_in_flight >= self.max_image_bytes,
+            "images.max_inline_bytes_in_flight",
+            "must be 0 (no limit) or at least images.max_image_bytes",
         )
         for key in ("fetch_timeout_s", "connect_timeout_s", "read_timeout_s"):
             value = getattr(self, key)
