@@ -2,6 +2,9 @@
 
 * ``minimal``: the floor. Raw aiohttp, no SDK, a semaphore, the same request body; what
   this machine and simulator allow.
+* ``sdk``: the SDK floor. The worker's own ``AsyncOpenAI`` client (aiohttp backend, retries
+  off, the same default headers and options), a semaphore and a bare loop of
+  ``client.post``: what the worker would cost if the pipeline around the call were free.
 * ``naive``: what most people write first. ``AsyncOpenAI`` with default settings (its
   own retries and backoff, its own HTTP client), ``asyncio.Semaphore`` and ``gather``.
 
@@ -64,6 +67,41 @@ async def run_minimal(base_url: str, jobs: int, concurrency: int) -> int:
     return ok
 
 
+async def run_sdk(base_url: str, jobs: int, concurrency: int) -> int:
+    import httpx2
+
+    from worker.app import tune_gc
+    from worker.auth import NoTokens
+    from worker.model import ModelClient
+    from worker.settings import ModelSettings
+
+    model = ModelClient(
+        ModelSettings(base_url=base_url, auth="none"), NoTokens(), max_connections=concurrency
+    )
+    client, options = model.client, model.request_options
+    # The worker's own process tuning, so the floor differs from it only by the pipeline.
+    tune_gc()
+    next_job = iter(range(jobs))
+    ok = 0
+
+    async def loop() -> None:
+        # A bare loop per slot: no task per job, no semaphore, nothing but the call.
+        nonlocal ok
+        for i in next_job:
+            body = {"model": MODEL, "messages": messages(job_uri(i))}
+            response = await client.post(
+                "/chat/completions", cast_to=httpx2.Response, body=body, options=options
+            )
+            if json.loads(response.content)["choices"][0]["message"]["content"]:
+                ok += 1
+
+    try:
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+    finally:
+        await model.aclose()
+    return ok
+
+
 async def run_naive(base_url: str, jobs: int, concurrency: int) -> int:
     import openai
 
@@ -90,17 +128,25 @@ async def run_naive(base_url: str, jobs: int, concurrency: int) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("client", choices=("minimal", "naive"))
+    p.add_argument("client", choices=("minimal", "sdk", "naive"))
     p.add_argument("--base-url", required=True)
     p.add_argument("--jobs", type=int, required=True)
     p.add_argument("--concurrency", type=int, required=True)
-    p.add_argument("--uvloop", action="store_true", help="run on uvloop (the minimal floor)")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (minimal and sdk floors)")
     ns = p.parse_args()
-    fn = run_minimal if ns.client == "minimal" else run_naive
+    fn = {"minimal": run_minimal, "sdk": run_sdk, "naive": run_naive}[ns.client]
     if ns.uvloop:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # Import what the client needs first: the figures are of requests, not of imports.
+    if ns.client == "minimal":
+        import aiohttp  # noqa: F401
+    else:
+        import httpx2  # noqa: F401
+        import openai  # noqa: F401
+
+        import worker.model  # noqa: F401
     cpu0 = time.process_time()
     t0 = time.monotonic()
     ok = asyncio.run(fn(ns.base_url, ns.jobs, ns.concurrency))

@@ -117,7 +117,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 await fetcher.aclose()
 
         stack.push_async_callback(close_fetcher)
-        _tune_gc()
+        tune_gc()
         yield Runtime(
             settings=settings, tokens=tokens, model=model, simulator=simulator, fetcher=fetcher
         )
@@ -126,7 +126,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 _gc_tuned = False
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Once per process, after start-up: what exists then (modules, settings, clients)
     lives as long as the process, so keep it out of the cyclic GC's full collections,
     which would otherwise walk all of it again and again under load. And collect the

@@ -82,6 +82,11 @@ class ModelClient:
             self._options["headers"] = {"Authorization": openai.omit}
         self._max_tokens = settings.max_tokens or None
 
+    @property
+    def request_options(self) -> Any:
+        """The per-request options every call passes to ``client.post`` (bench/ reuses them)."""
+        return self._options
+
     async def aclose(self) -> None:
         await self.client.close()
 
