@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker.app import run_pipeline, run_worker, runtime
 from worker.http import HEALTHZ_PATH, METRICS_PATH, READYZ_PATH, serve_http
 from worker.metrics import Telemetry
+from worker.protocols import SourceBase
 from worker.pipeline import Pipeline
 from worker.settings import Settings
 from worker.simulator import Simulator
@@ -101,7 +102,7 @@ async def test_metrics_parse_and_agree_with_the_sink_and_dead_letter_files(
     assert m[("worker_phase", (("phase", "stopped"),))] == 1
 
 
-class _SilentSource:
+class _SilentSource(SourceBase):
     """A source that never yields a job; with ``beats`` it says "nothing to do" often."""
 
     name = "silent"
@@ -109,17 +110,18 @@ class _SilentSource:
 
     def __init__(self, *, beats: bool) -> None:
         self.beats = beats
-        self.answered_at: float | None = None
+        self._answered_at: float | None = None
 
-    async def deliveries(self) -> AsyncIterator[LocalDelivery]:
+    @property
+    def answered_at(self) -> float | None:
+        return self._answered_at
+
+    async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
         while True:
             if self.beats:
-                self.answered_at = time.monotonic()
+                self._answered_at = time.monotonic()
             await anyio.sleep(0.05)
         yield LocalDelivery(b"")  # pragma: no cover - makes this an async generator
-
-    async def aclose(self) -> None:
-        return None
 
 
 async def _probe_stalled_source(
@@ -310,7 +312,7 @@ async def test_sigterm_drains_a_file_run_readiness_goes_503_and_a_rerun_finishes
 async def test_serve_answers_probes_and_metrics_on_its_own_port(
     sim: Simulator, fast_settings: Settings
 ) -> None:
-    from worker.push import serve_push
+    from worker.app import serve_push
 
     fast_settings.model.base_url = sim.vertex_base_url()
     listening = anyio.Event()

@@ -235,7 +235,7 @@ async def test_auto_concurrency_admits_jobs_in_proportion_to_the_limit(
         while not started:
             await anyio.sleep(0.005)
         while True:
-            samples.append((started[0].in_flight, started[0].limiter.limit))
+            samples.append((started[0].in_flight, started[0].models.limit))
             await anyio.sleep(0.01)
 
     async with runtime(fast_settings) as rt, anyio.create_task_group() as tg:

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from worker.pubsub import PUBSUB_URL, PubSubClient, PubSubError, chunk_ack_ids, encode_data
+from worker.errors import PubSubError
+from worker.pubsub import PUBSUB_URL, PubSubClient, chunk_ack_ids, encode_data
 
 from .fakes.pubsub_emulator import PubSubEmulator
 
@@ -202,4 +203,4 @@ def test_pubsub_config_file_loads_and_bad_pubsub_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"pubsub\.lease_extension_s"):
         load_settings(env={"WORKER_PUBSUB__LEASE_EXTENSION_S": "5"})
     with pytest.raises(ConfigError, match=r"worker\.source"):
-        open_source("pubsub:projects/p/topics/not-a-subscription")
+        open_source("pubsub:projects/p/topics/not-a-subscription", settings=s)

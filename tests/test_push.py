@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
 
-from worker.push import serve_push
+from worker.app import serve_push
 from worker.settings import Settings
 from worker.simulator import Simulator
 

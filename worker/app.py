@@ -1,5 +1,9 @@
 """Wiring: settings -> token provider, model client, source, sinks -> one root task group.
 
+The commands: ``worker run`` (:func:`run_worker`), ``worker serve`` (:func:`serve_push`),
+``worker describe`` (:func:`describe_uris`); ``worker loadtest`` builds on
+:func:`runtime` and :func:`run_pipeline` too.
+
 One root task group holds the long-lived tasks (sink writers, token refresher, signal
 watcher, loop watchdog) and the pipeline; when the pipeline returns, the group is
 cancelled. Cleanup (closing the source, sinks and HTTP clients) is shielded and
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import signal
 import sys
@@ -22,32 +27,40 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 
-from .auth import GoogleTokens, NoTokens, TokenProvider, make_token_provider
+from .auth import GoogleTokens, NoTokens, make_token_provider
+from .endpoints import Endpoint, EndpointPool
 from .fetch import ImageFetcher
-from .http import serve_http
+from .http import add_routes, serve_http
 from .images import ImagePolicy, backend_reads_uris
 from .limits import AdaptiveLimiter, Limiter, RateCeiling
 from .logs import current_format
 from .metrics import Telemetry
 from .model import ModelClient
 from .pipeline import Pipeline, RunStats
-from .protocols import Sink, Source
-from .pubsub import PubSubClient, uses_pubsub
+from .protocols import Sink, Source, TokenProvider
+from .pubsub import PubSubClient, PushSource, client_for, make_verifier
+from .retry import RetryPolicy
 from .settings import Settings
-from .sinks import BatchWriter, default_dead_letter, open_sink
-from .sources import FileSource, StdinSource, open_source
+from .sinks import BatchWriter, StdoutSink, dead_letter_spec, open_sinks
+from .sources import FileSource, MemorySource, StdinSource, open_source
+
+if TYPE_CHECKING:
+    from .simulator import Simulator
 
 __all__ = [
     "Runtime",
     "describe_uris",
     "make_ceiling",
     "make_limiter",
+    "run_pipeline",
     "run_worker",
     "runtime",
+    "serve_push",
+    "tune_gc",
 ]
 
 log = logging.getLogger("worker.app")
@@ -62,7 +75,7 @@ class Runtime:
     settings: Settings
     tokens: TokenProvider
     model: ModelClient
-    simulator: Any = None
+    simulator: Simulator | None = None
     #: Fetches image bytes for jobs (https://, gs://); owns its HTTP sessions.
     fetcher: ImageFetcher | None = None
 
@@ -142,6 +155,17 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """A job's budget for model calls (``[retry]``)."""
+    r = settings.retry
+    return RetryPolicy(
+        attempts=r.max_attempts,
+        deadline_s=r.deadline_s,
+        initial_backoff_s=r.initial_backoff_s,
+        max_backoff_s=r.max_backoff_s,
+    )
+
+
 def make_limiter(settings: Settings) -> Limiter:
     """``--concurrency N``: a fixed limit; ``auto``: AIMD between min and max concurrency."""
     w = settings.worker
@@ -157,6 +181,17 @@ def make_ceiling(settings: Settings) -> RateCeiling | None:
     return RateCeiling(rpm=w.rpm, tpm=w.tpm)
 
 
+def make_endpoints(rt: Runtime, observer: Telemetry | None) -> EndpointPool:
+    """This run's endpoints, each with its own limiter and ceiling."""
+    endpoint = Endpoint(
+        name=rt.model.name,
+        client=rt.model,
+        limiter=make_limiter(rt.settings),
+        ceiling=make_ceiling(rt.settings),
+    )
+    return EndpointPool([endpoint], observer=observer)
+
+
 async def run_pipeline(
     rt: Runtime,
     source: Source,
@@ -168,10 +203,15 @@ async def run_pipeline(
     shutdown_grace_s: float = 20.0,
     on_start: Callable[[Pipeline], None] | None = None,
     telemetry: Telemetry | None = None,
+    max_jobs: int | None = None,
 ) -> RunStats:
     """Run ``source`` through the pipeline. ``on_start`` is handed the pipeline before the
     first job (the load test reads its limiter and counters, and stops it); ``telemetry``
-    is what the side server reports on."""
+    is what the side server reports on; ``max_jobs`` stops reading after that many.
+
+    The source and the sinks are prepared first, outside any task group, so what the
+    operator must fix (a missing file, a subscription that does not exist, a directory
+    that cannot be written) surfaces as one :class:`~worker.errors.ConfigError`."""
     settings = rt.settings
     if telemetry is None:
         telemetry = Telemetry(
@@ -181,6 +221,20 @@ async def run_pipeline(
         )
     results = BatchWriter(sink, on_write=telemetry.sink_observer("results"))
     dead = BatchWriter(dead_letter, on_write=telemetry.sink_observer("dead_letter"))
+    try:
+        await source.prepare()
+        await sink.prepare()
+        if dead_letter is not sink:
+            await dead_letter.prepare()
+    except BaseException:
+        with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+            await source.aclose()
+            await sink.aclose()
+            if dead_letter is not sink:
+                await dead_letter.aclose()
+        raise
+    if source.answered_at is not None:
+        telemetry.mark_source_answered()
     done_ids: set[str] = set()
     if resume:
         done_ids = await sink.existing_ids()
@@ -193,10 +247,8 @@ async def run_pipeline(
         source=source,
         results=results,
         dead_letter=dead,
-        model=rt.model,
-        limiter=make_limiter(settings),
-        ceiling=make_ceiling(settings),
-        retry=settings.retry,
+        models=make_endpoints(rt, telemetry),
+        retry=retry_policy(settings),
         images=ImagePolicy(
             file_root=file_root,
             max_image_bytes=settings.images.max_image_bytes,
@@ -213,16 +265,10 @@ async def run_pipeline(
         jobs_in_flight=settings.worker.jobs_in_flight_limit,
         done_ids=done_ids,
         observer=telemetry,
+        max_jobs=max_jobs,
     )
     telemetry.attach(pipeline, source)
     try:
-        prepare = getattr(source, "prepare", None)
-        if prepare is not None:
-            # Checks that can fail as a config error (a subscription that does not exist),
-            # outside the task group so they surface as themselves.
-            await prepare()
-            # It answered: the subscription is reachable (readiness needs no first job).
-            telemetry.mark_source_answered()
         async with anyio.create_task_group() as root:
             root.start_soon(results.run)
             if dead is not results:
@@ -232,10 +278,8 @@ async def run_pipeline(
             if handle_signals:
                 # Before the source's services start: a SIGTERM during start-up drains too.
                 root.start_soon(_watch_signals, pipeline, shutdown_grace_s, telemetry)
-            services = getattr(source, "run_services", None)
-            if services is not None:
-                # Queue sources pull, extend leases and ack in the background.
-                await root.start(services)
+            # Queue sources pull, extend leases and ack in the background.
+            await root.start(source.run_services)
             if on_start is not None:
                 on_start(pipeline)
             telemetry.mark_running()
@@ -271,21 +315,17 @@ def _swallow_signals() -> Iterator[None]:
         yield
 
 
-def pubsub_client_for(settings: Settings, *specs: str) -> PubSubClient | None:
-    """The process's Pub/Sub client when any spec is ``pubsub:``; else None."""
-    if not uses_pubsub(*specs):
-        return None
-    p = settings.pubsub
-    return PubSubClient.from_environment(
-        request_timeout_s=p.request_timeout_s, retry_deadline_s=p.retry_deadline_s
-    )
-
-
 @asynccontextmanager
-async def closing_pubsub(client: PubSubClient | None, rt: Runtime) -> AsyncIterator[None]:
-    """Share the model's Google token with ``client``; close it after sources and sinks."""
-    if client is not None:
-        client.share_tokens(rt.tokens)
+async def pubsub_session(client: PubSubClient | None, rt: Runtime) -> AsyncIterator[None]:
+    """Give ``client`` a Google token (the runtime's when it holds Google credentials, else
+    its own, never an API key); close it after the sources and sinks."""
+    if client is not None and not client.emulator:
+        if rt.tokens.google:
+            client.share_tokens(rt.tokens)
+        else:
+            own = GoogleTokens()
+            await own.start()
+            client.share_tokens(own)
     try:
         yield
     finally:
@@ -335,21 +375,15 @@ async def run_worker(settings: Settings, *, telemetry: Telemetry | None = None) 
     h = settings.http
     if telemetry is None:
         telemetry = Telemetry(stall_timeout_s=h.stall_timeout_s, max_loop_lag_s=h.max_loop_lag_s)
-    dl_spec = w.dead_letter or default_dead_letter(w.sink)
     # One Pub/Sub client (one session, one token) shared by source and sinks.
-    pubsub = pubsub_client_for(settings, w.source, w.sink, dl_spec)
+    pubsub = client_for(settings, w.source, w.sink, dead_letter_spec(settings))
     source = open_source(w.source, settings=settings, pubsub=pubsub)
-    sink = open_sink(w.sink, settings=settings, pubsub=pubsub)
-    dead_letter = (
-        sink
-        if dl_spec == w.sink
-        else open_sink(dl_spec, key="worker.dead_letter", settings=settings, pubsub=pubsub)
-    )
+    sink, dead_letter = open_sinks(settings, pubsub)
     async with AsyncExitStack() as stack:
         if h.port:
             await stack.enter_async_context(serve_http(telemetry, h.host, h.port))
         rt = await stack.enter_async_context(runtime(settings))
-        await stack.enter_async_context(closing_pubsub(pubsub, rt))
+        await stack.enter_async_context(pubsub_session(pubsub, rt))
         telemetry.set_tokens(rt.tokens, auth_required=not isinstance(rt.tokens, NoTokens))
         stats = await run_pipeline(
             rt,
@@ -375,12 +409,46 @@ async def run_worker(settings: Settings, *, telemetry: Telemetry | None = None) 
     return stats
 
 
+async def serve_push(
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",  # Cloud Run sends traffic to the container's interfaces
+    port: int = 8080,
+    on_listening: Callable[[int], None] | None = None,
+    handle_signals: bool = True,
+) -> RunStats:
+    """``worker serve``: Pub/Sub push requests through the pipeline until SIGTERM/SIGINT
+    (or cancellation). Probes and metrics are served on the same port."""
+    w = settings.worker
+    pubsub = client_for(settings, w.sink, dead_letter_spec(settings))
+    sink, dead_letter = open_sinks(settings, pubsub)
+    telemetry = Telemetry(max_loop_lag_s=settings.http.max_loop_lag_s, watch_progress=False)
+    source = PushSource(
+        host=host,
+        port=port,
+        max_waiting=w.jobs_in_flight_limit,
+        verifier=make_verifier(settings.pubsub),
+        on_listening=on_listening,
+        add_routes=lambda app: add_routes(app, telemetry),
+    )
+    async with runtime(settings) as rt, pubsub_session(pubsub, rt):
+        telemetry.set_tokens(rt.tokens, auth_required=not isinstance(rt.tokens, NoTokens))
+        stats = await run_pipeline(
+            rt,
+            source,
+            sink,
+            dead_letter,
+            resume=False,
+            handle_signals=handle_signals,
+            shutdown_grace_s=w.shutdown_grace_s,
+            telemetry=telemetry,
+        )
+    log.info("run_finished", extra=stats.summary())
+    return stats
+
+
 async def describe_uris(settings: Settings, uris: list[str]) -> RunStats:
-    import json
-
-    from .sinks import StdoutSink
-    from .sources import MemorySource
-
+    """``worker describe URI...``: one result line per URI on stdout."""
     source = MemorySource([json.dumps({"image_uri": u}).encode() for u in uris], name="argv")
     out = StdoutSink()
     async with runtime(settings) as rt:

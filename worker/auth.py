@@ -1,11 +1,13 @@
-"""Bearer tokens for the model (and, later, Google APIs).
+"""Bearer tokens for the model and for Google APIs (Pub/Sub, Cloud Storage).
 
 ``GoogleTokens`` holds an Application Default Credentials token and refreshes it in the
 background when 75% of its lifetime has passed (15 minutes before expiry for Google's
 one-hour tokens). We read ``credentials.expiry`` ourselves rather than google-auth's
 ``valid``: its fixed 3m45s threshold would call a five-minute token stale for most of its
 life. Refreshes run in a worker thread (google-auth is blocking), one at a time; requests
-take the cached token and only wait when no usable token is held.
+take the cached token and only wait when no usable token is held. A failed refresh is
+retried by :mod:`worker.retry` like any other call: at start-up within
+``STARTUP_POLICY``, in the background until it succeeds.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from .errors import ConfigError
+from .errors import ConfigError, Kind
+from .protocols import TokenProvider
+from .retry import RetryPolicy, RetryState, retry_call
 
 __all__ = [
     "CLOUD_PLATFORM_SCOPE",
@@ -35,18 +40,28 @@ log = logging.getLogger("worker.auth")
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 # Share of a token's lifetime after which the background task refreshes it.
 REFRESH_AT_FRACTION = 0.75
+# The first token: a metadata server that is briefly unreachable (a pod starting) is
+# waited for; one that stays away for this long is a start-up error.
+STARTUP_POLICY = RetryPolicy(attempts=None, deadline_s=30.0, initial_backoff_s=0.2, max_backoff_s=5)
+# The background refresher never gives up: requests need a token for as long as it runs.
+REFRESHER_POLICY = RetryPolicy(
+    attempts=None, deadline_s=None, initial_backoff_s=0.5, max_backoff_s=30.0
+)
 
 
-class TokenProvider(Protocol):
-    """Where bearer tokens come from. ``run_refresher`` runs for the life of the process."""
+class _Unexpiring:
+    """The token-provider fields of a provider whose token never changes."""
 
-    async def start(self) -> None: ...
-    async def token(self) -> str: ...
-    async def refresh_after_rejection(self, rejected: str) -> None: ...
-    async def run_refresher(self) -> None: ...
+    refreshes = 0
+    refresh_failures = 0
+    google = False
+
+    @property
+    def expires_at(self) -> float | None:
+        return None
 
 
-class NoTokens:
+class NoTokens(_Unexpiring):
     """``--auth none``: no Authorization header at all."""
 
     async def start(self) -> None:
@@ -62,7 +77,7 @@ class NoTokens:
         return None
 
 
-class StaticToken:
+class StaticToken(_Unexpiring):
     """``--auth api-key``: a key read once from the environment."""
 
     def __init__(self, value: str) -> None:
@@ -93,8 +108,22 @@ def _expiry_epoch(expiry: datetime | None) -> float | None:
     return expiry.timestamp()
 
 
+def _refresh_kind(exc: BaseException) -> Kind:
+    """A refresh that failed is worth another try, whatever google-auth raised: a metadata
+    server or token endpoint that is down now may answer later, and nothing else will
+    get the worker a token."""
+    return "permanent" if isinstance(exc, anyio.get_cancelled_exc_class()) else "transient"
+
+
 class GoogleTokens:
-    """Application Default Credentials with ahead-of-expiry, single-flight refresh."""
+    """Application Default Credentials with ahead-of-expiry, single-flight refresh.
+
+    Owns the process's one Google token: the model, Pub/Sub and Cloud Storage share it,
+    so however many endpoints or clients there are, a refresh happens once. Never logs
+    the token, and never blocks the event loop (google-auth runs in a thread).
+    """
+
+    google = True
 
     def __init__(self, scopes: tuple[str, ...] = (CLOUD_PLATFORM_SCOPE,)) -> None:
         self._scopes = scopes
@@ -119,7 +148,17 @@ class GoogleTokens:
 
     async def start(self) -> None:
         await anyio.to_thread.run_sync(self._load_credentials)
-        await self._refresh(self._generation)
+        try:
+            await retry_call(
+                lambda: self._refresh(self._generation), STARTUP_POLICY, classify=_refresh_kind
+            )
+        except Exception as exc:
+            raise ConfigError(
+                "model.auth",
+                f"google: could not get an access token within {STARTUP_POLICY.deadline_s:g} s "
+                f"({type(exc).__name__}); check the credentials and that their token "
+                "endpoint or metadata server is reachable",
+            ) from None
 
     def _load_credentials(self) -> None:
         import google.auth
@@ -128,10 +167,8 @@ class GoogleTokens:
 
         try:
             credentials, project = google.auth.default(scopes=list(self._scopes))
-        except google.auth.exceptions.DefaultCredentialsError as exc:
-            raise ConfigError(
-                "model.auth", f"google: no Application Default Credentials ({exc})"
-            ) from None
+        except (google.auth.exceptions.DefaultCredentialsError, ValueError) as exc:
+            raise ConfigError("model.auth", _credentials_problem(exc)) from None
         self._credentials = credentials
         self.project_id = project
         self._request = google.auth.transport.requests.Request()
@@ -196,7 +233,6 @@ class GoogleTokens:
 
     async def run_refresher(self) -> None:
         """Refresh ahead of expiry until cancelled; start it in the root task group."""
-        failures = 0
         while True:
             due = self._next_refresh_at()
             if due is None:
@@ -208,16 +244,37 @@ class GoogleTokens:
                 with anyio.move_on_after(delay):
                     await wake.wait()  # a refresh elsewhere moves the schedule
                 continue
-            try:
-                await self._refresh(self._generation)
-                failures = 0
-            except Exception:
-                failures += 1
-                backoff = min(30.0, 0.5 * 2 ** min(failures, 6))
-                if self._expires_at is not None:
-                    # Never sleep past the expiry of the token we still hold.
-                    backoff = min(backoff, max(0.2, (self._expires_at - time.time()) / 4))
-                await anyio.sleep(backoff)
+            policy = REFRESHER_POLICY
+            if self._expires_at is not None:
+                # Retry often enough to get a new token before the one held expires.
+                left_s = self._expires_at - time.time()
+                policy = replace(policy, max_backoff_s=max(0.5, min(30.0, left_s / 4)))
+            await retry_call(
+                lambda: self._refresh(self._generation),
+                policy,
+                state=RetryState(started_at=time.monotonic()),
+                classify=_refresh_kind,
+            )
+
+
+def _credentials_problem(exc: BaseException) -> str:
+    """One line saying which credentials could not be used, and what to do about it."""
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
+    if path:
+        return (
+            f"GOOGLE_APPLICATION_CREDENTIALS={path} is not a usable credentials file "
+            f"({_first_line(exc)}); point it at a service-account or ADC JSON file, or unset it"
+        )
+    return (
+        f"google: no Application Default Credentials ({_first_line(exc)}); run "
+        "`gcloud auth application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, "
+        "or choose --auth api-key / none"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def make_token_provider(auth: str, api_key_env: str) -> TokenProvider:

@@ -282,10 +282,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(ns)
     except ConfigError as exc:
-        print(f"worker: config error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(exc)
+    except BaseExceptionGroup as group:
+        # A start-up problem raised inside a task group arrives wrapped: show it plainly.
+        config, rest = group.split(ConfigError)
+        if config is not None and rest is None:
+            return _config_error(_first_leaf(config))
+        raise
     except KeyboardInterrupt:
         return 130
+
+
+def _first_leaf(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(f"worker: config error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
@@ -337,8 +352,8 @@ _SERVE_FLAGS = {
 
 
 def _serve(ns: argparse.Namespace, flags: dict[str, str]) -> int:
+    from .app import serve_push
     from .logs import setup_logging
-    from .push import serve_push
 
     flags.update(_IMAGE_FLAGS)
     flags.update(_SERVE_FLAGS)

@@ -14,7 +14,8 @@ Job URLs come from other teams' systems, so every fetch of one is treated as hos
 * **Size cap** enforced while streaming: an oversized body is cut off, never buffered.
 * **Timeouts**: connect, read (longest silence) and a whole-attempt deadline, so a server
   that drips a byte a second cannot hold a job forever.
-* Transient failures (5xx, 408, 429, resets, timeouts) are retried with jittered backoff;
+* Transient failures (5xx, 408, 429, resets, timeouts) are retried by :mod:`worker.retry`
+  within ``fetch_attempts`` (a 429 counts: an image host that keeps refusing is failing);
   when the attempts are spent the job fails with ``fetch_failed``.
 
 The guard is for URLs from jobs. Endpoints the operator configured (the Cloud Storage API
@@ -37,20 +38,15 @@ from urllib.parse import quote
 import aiohttp
 import anyio
 from aiohttp.abc import AbstractResolver, ResolveResult
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 from yarl import URL
 
-from .auth import TokenProvider
-from .errors import JobError
+from .errors import BlockedAddressError, FetchError, JobError, ServiceError, StorageError
+from .protocols import TokenProvider
+from .retry import RetryPolicy, kind_for_status, retry_after_s, retry_call
+from .settings import ImageSettings
 
 __all__ = [
     "AddressGuard",
-    "BlockedAddressError",
     "ImageFetcher",
     "display_url",
     "storage_endpoint",
@@ -68,24 +64,9 @@ _SHARED_V4 = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT, RFC 65
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 _LEGACY_NUMERIC = re.compile(r"[0-9a-fA-FxX.]+")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _USER_AGENT = "image-describer-worker/0.1"
 CHUNK_BYTES = 65_536
 DEFAULT_STORAGE_ENDPOINT = "https://storage.googleapis.com"
-
-
-class BlockedAddressError(OSError):
-    """Raised by the guarded resolver; an OSError so aiohttp wraps it and we unwrap it."""
-
-    def __init__(self, host: str, address: str, reason: str) -> None:
-        super().__init__(f"{host} resolves to {address} ({reason})")
-        self.host = host
-        self.address = address
-        self.reason = reason
-
-
-class _Transient(Exception):
-    """A failure worth another attempt; its text ends up in ``fetch_failed``'s message."""
 
 
 def display_url(url: URL | str) -> str:
@@ -263,9 +244,10 @@ def _blocked_cause(exc: BaseException) -> BlockedAddressError | None:
         seen.add(id(current))
         if isinstance(current, BlockedAddressError):
             return current
-        os_error = getattr(current, "os_error", None)
-        if isinstance(os_error, BlockedAddressError):
-            return os_error
+        if isinstance(current, aiohttp.ClientConnectorError) and isinstance(
+            current.os_error, BlockedAddressError
+        ):
+            return current.os_error
         current = current.__cause__ or current.__context__
     return None
 
@@ -324,14 +306,21 @@ class ImageFetcher:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         )
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
+        self.retry = RetryPolicy(
+            attempts=fetch_attempts,
+            deadline_s=None,  # each attempt has its own deadline (fetch_timeout_s)
+            initial_backoff_s=backoff_initial_s,
+            max_backoff_s=backoff_max_s,
+            rate_limited_counts=True,
+        )
         self._web: aiohttp.ClientSession | None = None
         self._storage: aiohttp.ClientSession | None = None
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings: Any, *, gcs_tokens: TokenProvider | None) -> ImageFetcher:
+    def from_settings(
+        cls, settings: ImageSettings, *, gcs_tokens: TokenProvider | None
+    ) -> ImageFetcher:
         """From an ``ImageSettings`` section."""
         context = ssl.create_default_context(cafile=settings.ca_bundle or None)
         return cls(
@@ -413,32 +402,26 @@ class ImageFetcher:
     # -- internals -----------------------------------------------------------------------
 
     async def _with_retries(self, attempt: Callable[[], Awaitable[bytes]], what: str) -> bytes:
+        async def bounded() -> bytes:
+            try:
+                with anyio.fail_after(self.fetch_timeout_s):
+                    return await attempt()
+            except TimeoutError:
+                raise FetchError(
+                    0,
+                    "timeout",
+                    f"no complete answer within {self.fetch_timeout_s:g} s",
+                    kind="transient",
+                ) from None
+
         try:
-            async for trying in AsyncRetrying(
-                stop=stop_after_attempt(self.fetch_attempts),
-                wait=wait_exponential_jitter(
-                    multiplier=self._backoff_initial_s,
-                    jitter=self._backoff_initial_s,
-                    max=self._backoff_max_s,
-                ),
-                retry=retry_if_exception_type(_Transient),
-                reraise=True,
-            ):
-                with trying:
-                    try:
-                        with anyio.fail_after(self.fetch_timeout_s):
-                            return await attempt()
-                    except TimeoutError:
-                        raise _Transient(
-                            f"no complete answer within {self.fetch_timeout_s:g} s"
-                        ) from None
-        except _Transient as exc:
+            return await retry_call(bounded, self.retry)
+        except ServiceError as exc:
             n = self.fetch_attempts
             raise JobError(
                 "fetch_failed",
-                f"{what}: {exc} (gave up after {n} attempt{'s' if n != 1 else ''})",
+                f"{what}: {_reason(exc)} (gave up after {n} attempt{'s' if n != 1 else ''})",
             ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_target(self, url: URL, *, redirected: bool) -> None:
         scheme = (url.scheme or "").lower()
@@ -477,11 +460,9 @@ class ImageFetcher:
                                 f"{display_url(current)}: unparsable redirect Location",
                             ) from None
                         continue
-                    self._check_status(resp.status, display_url(current))
+                    _check_status(resp, display_url(current), FetchError)
                     return await self._read_capped(resp, display_url(current))
-            except JobError:
-                raise
-            except _Transient:
+            except (JobError, ServiceError):
                 raise
             except Exception as exc:
                 raise self._translate(exc, display_url(current)) from None
@@ -505,7 +486,7 @@ class ImageFetcher:
             async with session.get(target, headers=headers, allow_redirects=False) as resp:
                 if resp.status == 401 and token and self.gcs_tokens is not None:
                     await self.gcs_tokens.refresh_after_rejection(token)
-                    raise _Transient("Cloud Storage answered HTTP 401")
+                    raise StorageError(401, "UNAUTHENTICATED", "", kind="unauthorized")
                 if resp.status == 404:
                     raise JobError("fetch_failed", f"{what}: no such object (HTTP 404)")
                 if resp.status in (401, 403):
@@ -514,19 +495,12 @@ class ImageFetcher:
                         f"{what}: access denied (HTTP {resp.status}); the worker's "
                         "credentials need storage.objects.get on the bucket",
                     )
-                self._check_status(resp.status, what)
+                _check_status(resp, what, StorageError)
                 return await self._read_capped(resp, what)
-        except (JobError, _Transient):
+        except (JobError, ServiceError):
             raise
         except Exception as exc:
             raise self._translate(exc, what) from None
-
-    @staticmethod
-    def _check_status(status: int, what: str) -> None:
-        if status in _TRANSIENT_STATUS or status >= 500:
-            raise _Transient(f"HTTP {status}")
-        if status != 200:
-            raise JobError("fetch_failed", f"{what}: answered HTTP {status}")
 
     async def _read_capped(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
         cap = self.max_image_bytes
@@ -559,7 +533,28 @@ class ImageFetcher:
         if isinstance(exc, aiohttp.InvalidURL):
             return JobError("invalid_image_uri", f"{what}: not a valid URL")
         if isinstance(exc, aiohttp.ClientError | OSError | TimeoutError):
-            return _Transient(f"{type(exc).__name__}")
+            return FetchError(0, "connection_error", type(exc).__name__, kind="transient")
         # Anything else is still this one URL's failure, not the worker's.
         log.warning("fetch_unexpected_error", extra={"error_type": type(exc).__name__})
         return JobError("fetch_failed", f"{what}: {type(exc).__name__}")
+
+
+def _check_status(
+    resp: aiohttp.ClientResponse, what: str, error: type[FetchError] | type[StorageError]
+) -> None:
+    """Raise for anything but 200: a retryable service error for 408, 425, 429 and 5xx
+    (with the answer's Retry-After), else the job's ``fetch_failed``."""
+    status = resp.status
+    if status == 200:
+        return
+    kind = kind_for_status(status)
+    if kind in ("transient", "rate_limited"):
+        raise error(status, "", "", kind=kind, retry_after_s=retry_after_s(resp.headers))
+    raise JobError("fetch_failed", f"{what}: answered HTTP {status}")
+
+
+def _reason(exc: ServiceError) -> str:
+    """The last failure, as a fetch_failed message ends it (no URL, no secret)."""
+    if exc.status:
+        return f"HTTP {exc.status}"
+    return exc.message or exc.code

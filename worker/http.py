@@ -101,10 +101,9 @@ class HttpServer:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise ConfigError("http.port", f"cannot listen on {host}:{port}: {reason}") from None
         self._site = site
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
+        addresses = self._runner.addresses
         self.host = host
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self.port = int(addresses[0][1]) if addresses else port
         log.info("http_server_started", extra={"host": host, "port": self.port})
 
     async def stop(self) -> None:

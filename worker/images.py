@@ -30,10 +30,10 @@ import anyio.to_thread
 from .errors import JobError
 from .fetch import ImageFetcher
 from .limits import ByteBudget
+from .settings import INLINE_MODES, InlineMode
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
-    "INLINE_MODES",
     "ImagePolicy",
     "backend_reads_uris",
     "sniff_mime",
@@ -41,8 +41,6 @@ __all__ = [
 
 # Vertex AI's limit for inline image data.
 DEFAULT_MAX_IMAGE_BYTES = 7 * 1024 * 1024
-
-INLINE_MODES = ("auto", "always", "never")
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 # Cloud Storage bucket names: lowercase letters, digits, -, _ and . (3..222 characters).
@@ -89,14 +87,19 @@ def sniff_mime(head: bytes) -> str | None:
 
 
 class ImagePolicy:
-    """Per pipeline (the file root depends on the source); the fetcher is process-wide."""
+    """Turns a job's ``image_uri`` into the URL the model is sent; raises only JobError.
+
+    Per pipeline (the file root depends on the source); the fetcher is process-wide.
+    Owns the byte budget of inlined images; never sends a local file from an untrusted
+    source, and never trusts a declared content type over the bytes.
+    """
 
     def __init__(
         self,
         *,
         file_root: str | None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        inline_images: str = "auto",
+        inline_images: InlineMode = "auto",
         backend_reads_uris: bool = True,
         allow_http: bool = False,
         fetcher: ImageFetcher | None = None,

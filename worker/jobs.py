@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import JobError
+from .errors import ErrorType, JobError
 from .logs import redact
 
 __all__ = [
@@ -41,6 +41,8 @@ _JSON_SCALAR = re.compile(r"null|true|false|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 @dataclass(slots=True, frozen=True)
 class Job:
+    """One parsed job: what to describe, and under which id its record is written."""
+
     id: str
     image_uri: str
     prompt: str | None
@@ -193,7 +195,7 @@ def error_record(
     *,
     job_id: str,
     image_uri: str | None,
-    error_type: str,
+    error_type: ErrorType,
     message: str,
     attempts: int,
     raw: bytes,

@@ -36,19 +36,35 @@ estimate corrected from the answer's ``usage``.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from collections import deque
-from typing import Final
+from typing import Final, Literal
 
 import anyio
 
-__all__ = ["AdaptiveLimiter", "ByteBudget", "Limiter", "RateCeiling", "TokenBucket"]
+from .clock import SYSTEM_CLOCK, Clock
+
+__all__ = [
+    "OUTCOMES",
+    "AdaptiveLimiter",
+    "ByteBudget",
+    "Limiter",
+    "Outcome",
+    "RateCeiling",
+    "TokenBucket",
+]
 
 DEFAULT_INITIAL: Final = 16
-# The outcomes a limiter is told about, one per model request.
-OUTCOMES: Final = ("ok", "rate_limited", "timeout", "transient", "unauthorized", "permanent")
+#: The outcome of one model request, as a limiter is told it.
+Outcome = Literal["ok", "rate_limited", "timeout", "transient", "unauthorized", "permanent"]
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "ok",
+    "rate_limited",
+    "timeout",
+    "transient",
+    "unauthorized",
+    "permanent",
+)
 
 
 class Limiter:
@@ -68,7 +84,7 @@ class Limiter:
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         #: Model requests by outcome (see :data:`OUTCOMES`).
-        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.counts: dict[Outcome, int] = dict.fromkeys(OUTCOMES, 0)
 
     @property
     def limit(self) -> int:
@@ -110,9 +126,11 @@ class Limiter:
         self._in_use -= 1
         self._wake()
 
-    def observe(self, outcome: str, latency_s: float, retry_after_s: float | None = None) -> None:
-        """One model request finished with ``outcome`` (see :data:`OUTCOMES`)."""
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+    def observe(
+        self, outcome: Outcome, latency_s: float, retry_after_s: float | None = None
+    ) -> None:
+        """One model request finished with ``outcome``."""
+        self.counts[outcome] += 1
 
     def _wake(self) -> None:
         # A woken waiter owns its slot from the moment its event is set.
@@ -135,6 +153,7 @@ class AdaptiveLimiter(Limiter):
     """
 
     __slots__ = (
+        "_clock",
         "_delivered",
         "_last_decrease",
         "_next_step_at",
@@ -162,6 +181,7 @@ class AdaptiveLimiter(Limiter):
         initial: int | None = None,
         backoff: float = 0.9,
         min_cooldown_s: float = 0.01,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError("need 1 <= min_limit <= max_limit")
@@ -171,6 +191,7 @@ class AdaptiveLimiter(Limiter):
         # slow start finds the rest within a few round trips.
         start = min(max(initial or DEFAULT_INITIAL, min_limit), max_limit)
         super().__init__(start)
+        self._clock = clock
         self.min_limit = min_limit
         self.max_limit = max_limit
         # A gentle cut: with a token-bucket quota, time spent below the quota is lost for
@@ -205,21 +226,23 @@ class AdaptiveLimiter(Limiter):
 
     @property
     def paused_for_s(self) -> float:
-        return max(0.0, self._paused_until - time.monotonic())
+        return max(0.0, self._paused_until - self._clock.now())
 
     async def acquire(self) -> None:
         # Honour a server-requested pause before queueing for a slot. Re-check after the
         # sleep: another 429 may have extended it.
         while True:
-            delay = self._paused_until - time.monotonic()
+            delay = self._paused_until - self._clock.now()
             if delay <= 0:
                 break
-            await anyio.sleep(delay)
+            await self._clock.sleep(delay)
         await super().acquire()
 
-    def observe(self, outcome: str, latency_s: float, retry_after_s: float | None = None) -> None:
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        now = time.monotonic()
+    def observe(
+        self, outcome: Outcome, latency_s: float, retry_after_s: float | None = None
+    ) -> None:
+        self.counts[outcome] += 1
+        now = self._clock.now()
         if outcome == "ok":
             self._on_success(latency_s, now)
         elif outcome in ("rate_limited", "timeout"):
@@ -235,13 +258,8 @@ class AdaptiveLimiter(Limiter):
     def _hold_slot(self) -> None:
         # Called before the caller releases its slot: take a phantom one that is given
         # back a round trip later (see the module docstring).
-        hold_s = self._cooldown_s()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
         self._in_use += 1
-        loop.call_later(hold_s, self.release)
+        self._clock.call_later(self._cooldown_s(), self.release)
 
     def _cooldown_s(self) -> float:
         return max(self.rtt_s, self.min_cooldown_s)
@@ -327,15 +345,16 @@ class TokenBucket:
     """``rate_per_s`` tokens a second, holding at most ``capacity``. May go into debt
     (a correction after the fact); a debtor waits until the debt is paid."""
 
-    __slots__ = ("_stamp", "_tokens", "capacity", "rate_per_s")
+    __slots__ = ("_clock", "_stamp", "_tokens", "capacity", "rate_per_s")
 
-    def __init__(self, rate_per_s: float, capacity: float) -> None:
+    def __init__(self, rate_per_s: float, capacity: float, *, clock: Clock = SYSTEM_CLOCK) -> None:
         if rate_per_s <= 0 or capacity <= 0:
             raise ValueError("rate and capacity must be > 0")
         self.rate_per_s = rate_per_s
         self.capacity = capacity
+        self._clock = clock
         self._tokens = capacity
-        self._stamp = time.monotonic()
+        self._stamp = clock.now()
 
     def _refill(self, now: float) -> None:
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
@@ -343,19 +362,19 @@ class TokenBucket:
 
     @property
     def tokens(self) -> float:
-        self._refill(time.monotonic())
+        self._refill(self._clock.now())
         return self._tokens
 
     def take(self, n: float) -> float:
         """Take ``n`` tokens now (possibly into debt); return the seconds the caller should
         wait before sending, 0 when the tokens were there."""
-        self._refill(time.monotonic())
+        self._refill(self._clock.now())
         self._tokens -= n
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate_per_s
 
     def give(self, n: float) -> None:
         """Correct an estimate: ``n`` > 0 returns tokens, ``n`` < 0 takes more."""
-        self._refill(time.monotonic())
+        self._refill(self._clock.now())
         self._tokens = min(self.capacity, self._tokens + n)
 
 
@@ -368,15 +387,25 @@ class RateCeiling:
     waiting callers are served first come, first served.
     """
 
-    __slots__ = ("_lock", "est_tokens", "requests", "tokens", "waited_s")
+    __slots__ = ("_clock", "_lock", "est_tokens", "requests", "tokens", "waited_s")
 
     def __init__(
-        self, *, rpm: float = 0, tpm: float = 0, initial_tokens_estimate: float = 600.0
+        self,
+        *,
+        rpm: float = 0,
+        tpm: float = 0,
+        initial_tokens_estimate: float = 600.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         # One second of quota as burst: per-minute quotas are enforced over short windows.
-        self.requests = TokenBucket(rpm / 60.0, max(1.0, rpm / 60.0)) if rpm > 0 else None
+        self.requests = (
+            TokenBucket(rpm / 60.0, max(1.0, rpm / 60.0), clock=clock) if rpm > 0 else None
+        )
         self.tokens = (
-            TokenBucket(tpm / 60.0, max(initial_tokens_estimate, tpm / 60.0)) if tpm > 0 else None
+            TokenBucket(tpm / 60.0, max(initial_tokens_estimate, tpm / 60.0), clock=clock)
+            if tpm > 0
+            else None
         )
         self.est_tokens = initial_tokens_estimate
         self.waited_s = 0.0
@@ -398,7 +427,7 @@ class RateCeiling:
             if delay > 0:
                 self.waited_s += delay
                 # Holding the lock keeps the order: later callers queue behind this one.
-                await anyio.sleep(delay)
+                await self._clock.sleep(delay)
         return estimate
 
     def settle(self, reserved: float, used_tokens: int | None) -> None:

@@ -21,7 +21,7 @@ import time
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,12 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .app import closing_pubsub, pubsub_client_for, run_pipeline, runtime
+from .app import pubsub_session, run_pipeline, runtime
 from .errors import ConfigError
 from .limits import AdaptiveLimiter
-from .pipeline import Pipeline
-from .protocols import Delivery, Record, Source
-from .pubsub import PubSubClient
+from .pipeline import Pipeline, RunStats
+from .protocols import Record, SinkBase, Source
+from .pubsub import PubSubClient, client_for
 from .settings import Settings
 from .simulator import SimConfig, Simulator
 from .sources import MemorySource, open_source
@@ -95,31 +95,7 @@ def _memory_jobs(run_id: str, n: int | None) -> Iterator[bytes]:
         i += 1
 
 
-class _Capped:
-    """At most ``limit`` deliveries of a real source (a subscription never ends)."""
-
-    def __init__(self, source: Source, limit: int | None) -> None:
-        self._source = source
-        self._limit = limit
-        self.name = source.name
-        self.trusted = source.trusted
-        # Queue sources run background loops (pulls, lease extension, acks) that the app
-        # starts when the source has them: pass them through.
-        self.run_services: Any = getattr(source, "run_services", None)
-
-    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
-        n = 0
-        async for delivery in self._source.deliveries():
-            yield delivery
-            n += 1
-            if self._limit is not None and n >= self._limit:
-                return
-
-    async def aclose(self) -> None:
-        await self._source.aclose()
-
-
-class ReportSink:
+class ReportSink(SinkBase):
     """Keeps what the report needs from each record, and nothing else."""
 
     name = "loadtest:"
@@ -138,12 +114,6 @@ class ReportSink:
                 self.latency_s.append(float(rec.get("latency_s") or 0.0))
             else:
                 self.errors[str(rec["error"]["type"])] += 1
-
-    async def existing_ids(self) -> set[str]:
-        return set()
-
-    async def aclose(self) -> None:
-        return None
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -192,13 +162,13 @@ class _Monitor:
         dt = t - self._last_t
         rate = (done - self._last_done) / dt if dt > 0 else 0.0
         self._last_done, self._last_t = done, t
-        counts = p.limiter.counts
+        counts = p.models.counts
         point = {
             "t_s": round(t, 3),
             "done": done,
             "jobs_per_s": round(rate, 2),
-            "in_flight": p.limiter.in_use,
-            "limit": p.limiter.limit,
+            "in_flight": p.models.in_use,
+            "limit": p.models.limit,
             "rate_limited": counts.get("rate_limited", 0),
             "requests": sum(counts.values()),
         }
@@ -246,7 +216,7 @@ async def _publish(
     """Fill a queue through its sink: each job is one record (one message)."""
     from .sinks import open_sink
 
-    sink = open_sink(spec, key="--publish-to", settings=settings, pubsub=pubsub)
+    sink = open_sink(spec, key="--publish-to", pubsub=pubsub)
     try:
         for start in range(0, n, PUBLISH_BATCH):
             await sink.write(
@@ -277,13 +247,13 @@ async def run_loadtest(settings: Settings, opts: LoadtestOptions) -> dict[str, A
         settings.simulator.embedded = False
     try:
         # One Pub/Sub client for the publisher and the source, sharing the model's token.
-        pubsub = pubsub_client_for(settings, *(s for s in (opts.source, opts.publish_to) if s))
+        pubsub = client_for(settings, *(s for s in (opts.source, opts.publish_to) if s))
         sink = ReportSink()
         monitor = _Monitor(opts, opts.jobs)
         stats = None
         async with (
             runtime(settings) as rt,
-            closing_pubsub(pubsub, rt),
+            pubsub_session(pubsub, rt),
             anyio.create_task_group() as tg,
         ):
             source: Source
@@ -291,9 +261,7 @@ async def run_loadtest(settings: Settings, opts: LoadtestOptions) -> dict[str, A
                 if opts.publish_to:
                     assert opts.jobs is not None
                     await _publish(opts.publish_to, run_id, opts.jobs, settings, pubsub)
-                source = _Capped(
-                    open_source(opts.source, settings=settings, pubsub=pubsub), opts.jobs
-                )
+                source = open_source(opts.source, settings=settings, pubsub=pubsub, key="--source")
             else:
                 source = MemorySource(_memory_jobs(run_id, opts.jobs), name="loadtest")
             # The worker's CPU from here: not the publisher's, not the start-up's.
@@ -313,6 +281,8 @@ async def run_loadtest(settings: Settings, opts: LoadtestOptions) -> dict[str, A
                 resume=False,
                 handle_signals=opts.handle_signals,
                 on_start=started,
+                # A subscription never ends: stop reading once --jobs have come.
+                max_jobs=opts.jobs if opts.source else None,
             )
             tg.cancel_scope.cancel()
         cpu_s = time.process_time() - cpu0
@@ -349,22 +319,24 @@ def _report(
     opts: LoadtestOptions,
     monitor: _Monitor,
     sink: ReportSink,
-    stats: Any,
+    stats: RunStats,
     cpu_s: float,
     sim: Simulator | None,
 ) -> dict[str, Any]:
     pipeline = monitor.pipeline
     assert pipeline is not None
-    limiter = pipeline.limiter
+    models = pipeline.models
+    limiter = models.endpoints[0].limiter
     lat = sorted(sink.latency_s)
     done = stats.ok + stats.dead_lettered
     secs = stats.seconds
-    requests = sum(limiter.counts.values())
-    rate_limited = limiter.counts.get("rate_limited", 0)
+    counts = models.counts
+    requests = sum(counts.values())
+    rate_limited = counts["rate_limited"]
     concurrency: dict[str, Any] = {
-        "mode": "auto" if limiter.adaptive else "fixed",
-        "final_limit": limiter.limit,
-        "peak_limit": max((int(s["limit"]) for s in monitor.samples), default=limiter.limit),
+        "mode": "auto" if models.adaptive else "fixed",
+        "final_limit": models.limit,
+        "peak_limit": max((int(s["limit"]) for s in monitor.samples), default=models.limit),
     }
     if isinstance(limiter, AdaptiveLimiter):
         concurrency.update(
@@ -397,7 +369,7 @@ def _report(
         "attempts": {str(k): v for k, v in sorted(sink.attempts.items())},
         "errors_by_type": dict(sorted(sink.errors.items())),
         "model_requests": requests,
-        "requests_by_outcome": {k: v for k, v in limiter.counts.items() if v},
+        "requests_by_outcome": {k: v for k, v in counts.items() if v},
         "rate_limited_share": round(rate_limited / requests, 4) if requests else 0.0,
         "concurrency": concurrency,
         "worker_cpu_s": round(cpu_s, 3),

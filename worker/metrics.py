@@ -9,18 +9,15 @@ increments and one histogram bucket bump, not a handful of locked metric updates
 Each :class:`Telemetry` has its own :class:`~prometheus_client.CollectorRegistry` (not the
 process-global one), so tests can run several workers in one process.
 
-Sources may expose, duck-typed (neither is required):
-
-* ``answered_at``: ``time.monotonic()`` of the source's latest answer from upstream, an
-  empty pull included. It tells liveness "had nothing to do" apart from "stuck", and
-  readiness that the source is reachable before the first job arrives.
-* integer attributes named in :data:`SOURCE_COUNTERS` (``acked``, ``nacked``,
-  ``extended``, ``ack_failures``...), and ``counters()`` -> ``{name: number}`` for any
-  others: exported as ``worker_source_<name>_total``.
+From the source it reads two declared capabilities (:class:`~worker.protocols.Source`):
+``answered_at``, which tells liveness "had nothing to do" apart from "stuck" and
+readiness that the source is reachable before the first job arrives, and ``counters``
+(:class:`~worker.protocols.SourceCounters`), exported as ``worker_source_<name>_total``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,9 +36,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .errors import ServiceError
+from .protocols import SourceCounters
+
 if TYPE_CHECKING:
     from .pipeline import Pipeline
-    from .protocols import Delivery
+    from .protocols import Delivery, Source, TokenProvider
 
 __all__ = ["LatencyHistogram", "Telemetry", "status_label"]
 
@@ -93,19 +93,9 @@ def _fmt_bound(bound: float) -> str:
     return str(int(bound)) + ".0" if bound.is_integer() else repr(bound)
 
 
-def status_label(exc: BaseException | None) -> str:
+def status_label(error: ServiceError | None) -> str:
     """The label of a model answer: its HTTP status, or what went wrong on the wire."""
-    if exc is None:
-        return "200"
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int):
-        return str(status)
-    name = type(exc).__name__
-    if "Timeout" in name or isinstance(exc, TimeoutError):
-        return "timeout"
-    if "Connection" in name or isinstance(exc, ConnectionError):
-        return "connection_error"
-    return "error"
+    return "200" if error is None else error.label
 
 
 def _publish_epoch(source_info: Mapping[str, Any] | None) -> float | None:
@@ -145,8 +135,8 @@ class Telemetry:
         self.started_at = time.monotonic()
         self.drain_started_at: float | None = None
         self.pipeline: Pipeline | None = None
-        self.source: Any = None
-        self.tokens: Any = None
+        self.source: Source | None = None
+        self.tokens: TokenProvider | None = None
         self.auth_required = False
         self._source_answered = False
         self._last_progress = self.started_at
@@ -168,11 +158,11 @@ class Telemetry:
 
     # -- wiring ----------------------------------------------------------------------
 
-    def attach(self, pipeline: Pipeline, source: Any) -> None:
+    def attach(self, pipeline: Pipeline, source: Source) -> None:
         self.pipeline = pipeline
         self.source = source
 
-    def set_tokens(self, tokens: Any, *, auth_required: bool) -> None:
+    def set_tokens(self, tokens: TokenProvider, *, auth_required: bool) -> None:
         """The runtime holds its first token (``start()`` returned)."""
         self.tokens = tokens
         self.auth_required = auth_required
@@ -204,7 +194,7 @@ class Telemetry:
         self.phase = "stopped"
 
     def mark_source_answered(self) -> None:
-        """For sources without ``answered_at`` (and the push server): upstream answered."""
+        """Upstream answered outside the source's own account (e.g. ``prepare``)."""
         self._source_answered = True
         self._last_progress = time.monotonic()
 
@@ -217,8 +207,8 @@ class Telemetry:
         if published is not None:
             self.queue_lag_s = max(0.0, time.time() - published)
 
-    def model_answered(self, exc: BaseException | None, latency_s: float) -> None:
-        label = status_label(exc)
+    def model_answered(self, error: ServiceError | None, latency_s: float) -> None:
+        label = status_label(error)
         self.model_requests[label] = self.model_requests.get(label, 0) + 1
         self.model_latency.observe(latency_s)
 
@@ -242,9 +232,9 @@ class Telemetry:
                 log.warning("event_loop_stalled", extra={"latency_s": round(self.loop_lag_s, 3)})
 
     def last_progress(self) -> float:
-        answered = getattr(self.source, "answered_at", None)
-        if isinstance(answered, int | float) and answered > self._last_progress:
-            return float(answered)
+        answered = self.source.answered_at if self.source is not None else None
+        if answered is not None and answered > self._last_progress:
+            return answered
         return self._last_progress
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
@@ -277,7 +267,9 @@ class Telemetry:
         if self.auth_required and not self._token_held():
             detail["reason"] = "no usable token"
             return False, detail
-        answered = self._source_answered or getattr(self.source, "answered_at", None) is not None
+        answered = self._source_answered or (
+            self.source is not None and self.source.answered_at is not None
+        )
         if not answered:
             detail["reason"] = "source has not answered yet"
             return False, detail
@@ -286,7 +278,7 @@ class Telemetry:
     def _token_held(self) -> bool:
         if self.tokens is None:
             return False
-        expires_at = getattr(self.tokens, "expires_at", None)
+        expires_at = self.tokens.expires_at
         return expires_at is None or expires_at > time.time()
 
     # -- exposition ------------------------------------------------------------------
@@ -349,16 +341,16 @@ class _Collector(Collector):
             yield _gauge(
                 "worker_jobs_in_flight", "Jobs admitted and not yet finished.", p.in_flight
             )
-            limiter = p.limiter
+            models = p.models
             yield _gauge(
                 "worker_concurrency_limit",
                 "Model requests allowed in flight now (moves under --concurrency auto).",
-                limiter.limit,
+                models.limit,
             )
             yield _gauge(
                 "worker_model_requests_in_flight",
                 "Model requests in flight now.",
-                limiter.in_use,
+                models.in_use,
             )
         requests = CounterMetricFamily(
             "worker_model_requests",
@@ -398,21 +390,22 @@ class _Collector(Collector):
                 t.queue_lag_s,
             )
         tokens = t.tokens
-        if tokens is not None and hasattr(tokens, "refreshes"):
+        if tokens is not None and tokens.google:
             yield _counter("worker_token_refreshes", "Access-token refreshes.", tokens.refreshes)
             yield _counter(
                 "worker_token_refresh_failures",
                 "Access-token refreshes that failed.",
-                getattr(tokens, "refresh_failures", 0),
+                tokens.refresh_failures,
             )
-            expires_at = getattr(tokens, "expires_at", None)
+            expires_at = tokens.expires_at
             if expires_at is not None:
                 yield _gauge(
                     "worker_token_expiry_seconds",
                     "Seconds until the access token held expires.",
                     expires_at - time.time(),
                 )
-        yield from _source_counters(t.source)
+        if t.source is not None:
+            yield from _source_counters(t.source.counters)
         yield _gauge(
             "worker_event_loop_lag_seconds",
             "How late the loop watchdog's latest tick was.",
@@ -421,9 +414,7 @@ class _Collector(Collector):
         yield _phase(t.phase)
 
 
-# Plain integer attributes a queue source may keep (the Pub/Sub source does), exported as
-# worker_source_<name>_total. Counted per message, not per request.
-SOURCE_COUNTERS = {
+_SOURCE_COUNTER_DOCS = {
     "acked": "Messages acknowledged, confirmed by the service.",
     "nacked": "Messages handed back (modifyAckDeadline 0), confirmed by the service.",
     "extended": "Lease extensions sent (modifyAckDeadline), per message.",
@@ -433,18 +424,12 @@ SOURCE_COUNTERS = {
 }
 
 
-def _source_counters(source: Any) -> Iterator[Metric]:
-    seen: set[str] = set()
-    for name, doc in SOURCE_COUNTERS.items():
-        value = getattr(source, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            seen.add(name)
-            yield _counter(f"worker_source_{name}", doc, value)
-    counters = getattr(source, "counters", None)
-    if callable(counters):
-        for name, value in sorted(counters().items()):
-            if name not in seen:
-                yield _counter(f"worker_source_{name}", f"Source: {name.replace('_', ' ')}.", value)
+def _source_counters(counters: SourceCounters | None) -> Iterator[Metric]:
+    if counters is None:
+        return
+    for f in dataclasses.fields(counters):
+        doc = _SOURCE_COUNTER_DOCS[f.name]
+        yield _counter(f"worker_source_{f.name}", doc, getattr(counters, f.name))
 
 
 def _phase(phase: Phase) -> GaugeMetricFamily:

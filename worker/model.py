@@ -1,30 +1,37 @@
 """The model call: one ``AsyncOpenAI`` per process, the seed's request, the answer's text.
 
 The SDK's own retries are off (``max_retries=0``): :mod:`worker.retry` owns retrying, so
-backoff, Retry-After and the per-job deadline are decided in one place.
+backoff, Retry-After and the per-job deadline are decided in one place. The SDK's
+exceptions stop here: :class:`ModelClient` raises :class:`~worker.errors.ModelError`
+(with its kind, status, Retry-After and a short, secret-free message), so nothing past
+it knows which SDK answered.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
 
-from .auth import NoTokens, TokenProvider
+from .errors import EmptyAnswer, ModelError
+from .protocols import Answer, TokenProvider
+from .retry import kind_for_status, retry_after_s
 from .settings import ModelSettings
 
-__all__ = ["Answer", "ModelClient", "build_messages"]
+__all__ = ["ModelClient", "build_messages", "endpoint_name"]
 
 
-@dataclass(slots=True, frozen=True)
-class Answer:
-    text: str
-    model: str
-    usage: dict[str, int] | None
-    finish_reason: str | None
+def endpoint_name(base_url: str) -> str:
+    """A Vertex AI URL's location (``us-central1``, ``global``), else the URL's host."""
+    parts = urlsplit(base_url)
+    match = re.search(r"/locations/([^/]+)/", parts.path + "/")
+    if match:
+        return match.group(1)
+    return parts.hostname or base_url
 
 
 def build_messages(prompt: str, image_url: str, *, form: str = "string") -> list[dict[str, Any]]:
@@ -46,12 +53,21 @@ def build_messages(prompt: str, image_url: str, *, form: str = "string") -> list
 
 
 class ModelClient:
+    """One OpenAI-compatible endpoint: builds the request, sends it, reads the answer.
+
+    Owns its ``AsyncOpenAI`` client and connection pool (close with :meth:`aclose`).
+    One call is one request: it never retries, waits for quota or holds a slot; the
+    pipeline does that around it. Its errors are :class:`~worker.errors.ModelError`.
+    """
+
     def __init__(
         self, settings: ModelSettings, tokens: TokenProvider, *, max_connections: int = 256
     ) -> None:
         self.settings = settings
         self.tokens = tokens
         self.base_url = settings.resolved_base_url()
+        #: Shown in records, logs and metric labels (never a key or a token).
+        self.name = endpoint_name(self.base_url)
         # Size the pool to the concurrency ceiling: a request should never queue for a
         # connection inside the HTTP client while our own limiter thinks it is in flight.
         limits = httpx2.Limits(
@@ -60,7 +76,7 @@ class ModelClient:
         self._http = openai.DefaultAioHttpClient(limits=limits, timeout=settings.timeout_s)
         self.client = openai.AsyncOpenAI(
             base_url=self.base_url,
-            api_key="unused" if isinstance(tokens, NoTokens) else tokens.token,
+            api_key="unused" if settings.auth == "none" else tokens.token,
             max_retries=0,
             timeout=settings.timeout_s,
             http_client=self._http,
@@ -77,7 +93,7 @@ class ModelClient:
         # Built once: every request shares these (the SDK copies what it merges).
         # Typed loosely on purpose: the SDK's RequestOptions type lives in a private module.
         self._options: dict[str, Any] = {}
-        if isinstance(tokens, NoTokens):
+        if settings.auth == "none":
             # No credentials at all: tell the SDK the header is left out on purpose.
             self._options["headers"] = {"Authorization": openai.omit}
         self._max_tokens = settings.max_tokens or None
@@ -91,7 +107,9 @@ class ModelClient:
         await self.client.close()
 
     async def describe(self, image_url: str, prompt: str | None = None) -> Answer:
-        """One request; a 401 forces one token refresh and one immediate retry."""
+        """One request. A 401 forces one token refresh (shared by every request that saw
+        the same token rejected) and raises ``unauthorized``: the retry loop goes again
+        at once."""
         messages = build_messages(
             prompt or self.settings.prompt, image_url, form=self.settings.image_url_form
         )
@@ -99,11 +117,11 @@ class ModelClient:
         sent = await self.tokens.token()
         try:
             return await self._create(messages)
-        except openai.AuthenticationError:
-            # Revoked or expired early: the provider refreshes once however many requests
-            # saw the same token rejected, then this request goes again at once.
+        except openai.APIError as exc:
+            error = _model_error(exc)
+        if error.kind == "unauthorized":
             await self.tokens.refresh_after_rejection(sent)
-            return await self._create(messages)
+        raise error
 
     async def _create(self, messages: list[dict[str, Any]]) -> Answer:
         # The hot path. ``chat.completions.create`` spends ~1 ms of CPU per call walking
@@ -159,5 +177,38 @@ def _usage(usage: Any) -> dict[str, int] | None:
         return None
 
 
-class EmptyAnswer(Exception):
-    """The model answered 200 with no text (e.g. a safety block): permanent for this job."""
+def _model_error(exc: openai.APIError) -> ModelError:
+    """The SDK's exception as the worker's own (see :mod:`worker.retry` for the kinds)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return ModelError(0, "timeout", "no answer within the request timeout", kind="transient")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = type(cause).__name__ if cause is not None else "connection failed"
+        return ModelError(0, "connection_error", detail, kind="transient")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code, message = _error_body(exc)
+        return ModelError(
+            status,
+            code,
+            message,
+            kind=kind_for_status(status),
+            retry_after_s=retry_after_s(exc.response.headers),
+        )
+    return ModelError(0, "error", type(exc).__name__, kind="transient")
+
+
+def _error_body(exc: openai.APIStatusError) -> tuple[str, str]:
+    """(status name, message) from an error body; short and secret-free. Vertex AI wraps
+    its error in a list, which the SDK cannot read, so this does."""
+    body: Any = exc.body
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            code = inner.get("status") or inner.get("code") or inner.get("type") or ""
+            message = inner.get("message")
+            if isinstance(message, str):
+                return str(code), message[:500]
+    return "", exc.message[:500]

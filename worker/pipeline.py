@@ -1,8 +1,8 @@
 """source -> admission -> describe -> sink -> ack.
 
-The pipeline knows only the :mod:`worker.protocols`. Each job runs in its own task; at
-most ``jobs_in_flight`` are admitted from the source, and at most ``limiter.limit`` of
-them are talking to the model. A job's record is written (group-committed) and then the
+The pipeline knows only the :mod:`worker.protocols` and the endpoint pool. Each job runs
+in its own task; at most ``jobs_in_flight`` are admitted from the source, and at most
+``models.limit`` of them are talking to the model. A job's record is written (group-committed) and then the
 job is acked; that last step is shielded from cancellation, so a shutdown never leaves a
 record written but unacked, or acked but unwritten.
 """
@@ -11,34 +11,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import anyio
-import openai
 
-from .errors import JobError
+from .endpoints import EndpointPool
+from .errors import DrainRequested, ErrorType, JobError, ServiceError, SinkFailed
 from .images import ImagePolicy
 from .jobs import Job, error_record, fallback_id, parse_job, result_record
-from .limits import Limiter, RateCeiling
-from .model import Answer, EmptyAnswer, ModelClient
-from .protocols import Delivery, Record, Source
-from .retry import Kind, RetryBudget, call_with_retries, classify, retry_after_s
-from .settings import RetrySettings
-from .sinks.batch import BatchWriter, SinkFailed
+from .limits import Limiter
+from .protocols import Answer, Delivery, PipelineObserver, Record, Source
+from .retry import Kind, RetryPolicy, RetryState, retry_call
+from .sinks.batch import BatchWriter
 
-__all__ = ["Pipeline", "PipelineObserver", "RunStats"]
+__all__ = ["Pipeline", "RunStats"]
 
 log = logging.getLogger("worker.pipeline")
-
-
-class PipelineObserver(Protocol):
-    """Told of each job's milestones (metrics, liveness); every call must be cheap."""
-
-    def received(self, delivery: Delivery) -> None: ...
-    def model_answered(self, exc: BaseException | None, latency_s: float) -> None: ...
-    def finished(self, latency_s: float) -> None: ...
 
 
 def _delivery_fields(delivery: Delivery) -> dict[str, Any]:
@@ -92,44 +81,44 @@ class _Outcome:
     record: Record | None = None
 
 
-class _Drained(Exception):
-    """The job was still waiting for a model slot when the worker began to drain."""
-
-
 class Pipeline:
+    """source -> admission -> describe -> sink -> ack, for one source.
+
+    Owns admission (at most ``jobs_in_flight`` jobs taken from the source and not
+    finished), the per-job retry loop and the order of the last steps: a job's record
+    is durable in its sink before the job is acked, and that step is shielded from
+    cancellation. It knows sources, sinks and the model only through their protocols,
+    and it never lets one job's failure stop the run: every job ends acked (record
+    written), nacked (handed back) or counted as failed (a local source, sink down).
+    """
+
     def __init__(
         self,
         *,
         source: Source,
         results: BatchWriter,
         dead_letter: BatchWriter,
-        model: ModelClient,
-        limiter: Limiter,
-        retry: RetrySettings,
+        models: EndpointPool,
+        retry: RetryPolicy,
         images: ImagePolicy,
         jobs_in_flight: int,
         done_ids: set[str] | None = None,
-        on_model_result: Callable[[Kind | Literal["ok"], float], None] | None = None,
-        ceiling: RateCeiling | None = None,
         observer: PipelineObserver | None = None,
+        max_jobs: int | None = None,
     ) -> None:
         self.source = source
         self.results = results
         self.dead_letter = dead_letter
-        self.model = model
-        self.limiter = limiter
-        # Hard --rpm/--tpm ceilings; None when neither is set.
-        self.ceiling = ceiling if ceiling is not None and ceiling.active else None
+        self.models = models
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
         self._max_jobs_in_flight = jobs_in_flight
         self._followed_limit = 0
-        # Optional source hook: how many jobs the pipeline can take now (see _follow_limit).
-        self._source_capacity: Callable[[int], None] | None = getattr(source, "set_capacity", None)
+        #: Stop reading after this many jobs (a load test on a subscription); None: never.
+        self.max_jobs = max_jobs
         self.done_ids = done_ids or set()
         self.stats = RunStats()
-        self._on_model_result = on_model_result
         self._observer = observer
         self._stop_reading = anyio.CancelScope()
         # Jobs waiting for quota or a model slot: on drain they are handed back at once.
@@ -170,14 +159,13 @@ class Pipeline:
         leased here instead of going to replicas with room. Twice the limit (plus a little
         for jobs busy reading images or writing records) keeps every slot fed.
         """
-        limit = self.limiter.limit
-        if limit == self._followed_limit or not self.limiter.adaptive:
+        limit = self.models.limit
+        if limit == self._followed_limit or not self.models.adaptive:
             return
         self._followed_limit = limit
         jobs = max(1, min(self._max_jobs_in_flight, 2 * limit + 8))
         self.admission.set_limit(jobs)
-        if self._source_capacity is not None:
-            self._source_capacity(jobs)
+        self.source.set_capacity(jobs)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -191,7 +179,7 @@ class Pipeline:
             async with anyio.create_task_group() as jobs:
                 self._jobs_scope = jobs.cancel_scope
                 with self._stop_reading:
-                    while True:
+                    while self.max_jobs is None or self.stats.received < self.max_jobs:
                         # Room first, then the next job: the source is read only as far
                         # as there is room for what it yields.
                         self._follow_limit()
@@ -264,27 +252,18 @@ class Pipeline:
             url, held = await self.images.resolve_held(job.image_uri)
         except JobError as exc:
             return self._dead(job.id, job.image_uri, exc.type, exc.message, 0, delivery)
-        budget = RetryBudget(started_at=started)
+        state = RetryState(started_at=started)
         try:
-            answer = await call_with_retries(
+            answer = await retry_call(
                 lambda: self._call_model(url, job.prompt),
                 self.retry,
-                budget,
+                state=state,
                 on_retry=self._note_retry,
             )
-        except _Drained:
+        except DrainRequested:
             return _Outcome("drained")
-        except EmptyAnswer as exc:
-            return self._dead(
-                job.id,
-                job.image_uri,
-                "model_rejected",
-                f"the model returned no text ({exc})",
-                budget.attempts,
-                delivery,
-            )
-        except Exception as exc:
-            return self._failed(job, exc, budget, delivery)
+        except ServiceError as exc:
+            return self._failed(job, exc, state, delivery)
         finally:
             # The inlined image is not needed once the model has answered (or given up).
             self.images.release(held)
@@ -295,64 +274,26 @@ class Pipeline:
                 description=answer.text,
                 model=answer.model,
                 usage=answer.usage,
-                attempts=budget.attempts,
+                attempts=state.attempts,
                 started_at=started,
                 source=delivery.source_info,
             ),
         )
 
     async def _call_model(self, url: str, prompt: str | None) -> Answer:
-        # Rate ceiling first, then a slot: a request waiting for quota must not hold a
-        # slot, or an adaptive limit would read the wait as demand and grow.
-        ceiling = self.ceiling
-        limiter = self.limiter
-        reserved = 0.0
         with anyio.CancelScope() as waiting:
             if self._draining:
                 waiting.cancel()
             self._waiting_for_slot.add(waiting)
             try:
-                if ceiling is not None:
-                    reserved = await ceiling.acquire()
-                await limiter.acquire()
+                slot = await self.models.acquire()
             finally:
                 self._waiting_for_slot.discard(waiting)
         if waiting.cancelled_caught:
-            raise _Drained
-        t0 = time.monotonic()
-        try:
-            answer = await self.model.describe(url, prompt)
-        except Exception as exc:
-            latency_s = time.monotonic() - t0
-            kind = classify(exc)
-            if kind == "rate_limited":
-                limiter.observe(kind, latency_s, retry_after_s(exc))
-            elif isinstance(exc, openai.APITimeoutError | TimeoutError):
-                limiter.observe("timeout", latency_s)
-            else:
-                limiter.observe(kind, latency_s)
-            if ceiling is not None:
-                ceiling.settle(reserved, None)
-            if self._on_model_result is not None:
-                self._on_model_result(kind, latency_s)
-            if self._observer is not None:
-                self._observer.model_answered(exc, latency_s)
-            raise
-        finally:
-            limiter.release()
-        latency_s = time.monotonic() - t0
-        limiter.observe("ok", latency_s)
-        if ceiling is not None:
-            ceiling.settle(reserved, answer.usage["total_tokens"] if answer.usage else None)
-        if self._on_model_result is not None:
-            self._on_model_result("ok", latency_s)
-        if self._observer is not None:
-            self._observer.model_answered(None, latency_s)
-        return answer
+            raise DrainRequested
+        return await slot.describe(url, prompt)
 
-    def _note_retry(
-        self, exc: BaseException, kind: Kind, delay: float, budget: RetryBudget
-    ) -> None:
+    def _note_retry(self, exc: BaseException, kind: Kind, delay: float, state: RetryState) -> None:
         self.stats.retries += 1
         if kind == "rate_limited":
             self.stats.rate_limited += 1
@@ -360,43 +301,38 @@ class Pipeline:
             "retry_scheduled",
             extra={
                 "error_type": type(exc).__name__,
-                "attempt": budget.attempts,
+                "attempt": state.attempts,
                 "delay_s": round(delay, 3),
             },
         )
 
     def _failed(
-        self, job: Job, exc: Exception, budget: RetryBudget, delivery: Delivery
+        self, job: Job, exc: ServiceError, state: RetryState, delivery: Delivery
     ) -> _Outcome:
-        kind = classify(exc)
-        if kind == "permanent" and not isinstance(exc, openai.APIStatusError):
-            raise exc  # not an answer from the model: a bug, handled as a crashed job
-        if kind == "permanent":
-            status = getattr(exc, "status_code", None)
-            detail = _api_error_message(exc)
-            message = (
-                f"the model refused the request (HTTP {status}): {detail}"
-                if status
-                else f"{type(exc).__name__}: {detail}"
-            )
+        if exc.kind == "permanent":
+            if exc.code == "empty_answer":
+                message = f"the model returned no text ({exc.message})"
+            else:
+                message = f"the model refused the request (HTTP {exc.status}): {exc.message}"
             return self._dead(
-                job.id, job.image_uri, "model_rejected", message, budget.attempts, delivery
+                job.id, job.image_uri, "model_rejected", message, state.attempts, delivery
             )
         if delivery.redeliverable:
             return _Outcome("retry")
-        message = f"gave up after {budget.attempts} attempts in {time.monotonic() - budget.started_at:.1f}s; last error: {type(exc).__name__}"
-        status = getattr(exc, "status_code", None)
-        if status:
-            message += f" (HTTP {status})"
+        elapsed_s = time.monotonic() - state.started_at
+        message = (
+            f"gave up after {state.attempts} attempts in {elapsed_s:.1f}s; "
+            f"last error: {f'HTTP {exc.status}' if exc.status else exc.code}"
+        )
         return self._dead(
-            job.id, job.image_uri, "retries_exhausted", message, budget.attempts, delivery
+            job.id, job.image_uri, "retries_exhausted", message, state.attempts, delivery
         )
 
     def _dead(
         self,
         job_id: str,
         uri: str | None,
-        type_: str,
+        type_: ErrorType,
         message: str,
         attempts: int,
         delivery: Delivery,
@@ -482,19 +418,3 @@ class Pipeline:
                 "ack_failed",
                 extra={"error_type": type(exc).__name__, **_delivery_fields(delivery)},
             )
-
-
-def _api_error_message(exc: Exception) -> str:
-    """A short, secret-free reason from an API error body (Vertex wraps it in a list)."""
-    body = getattr(exc, "body", None)
-    if isinstance(body, list) and body:
-        body = body[0]
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])[:500]
-        if isinstance(body.get("message"), str):
-            return str(body["message"])[:500]
-    if isinstance(exc, openai.APIError):
-        return exc.message[:500]
-    return str(exc)[:500]

@@ -1,21 +1,57 @@
-"""The two small interfaces the pipeline knows: where jobs come from, where records go.
+"""The joins between the parts: what each one may ask of another, declared here.
 
-A source yields :class:`Delivery` objects that carry their own ``ack``/``nack``; a sink
-takes a batch of records and returns only once they are durable. Nothing here knows about
-files or Pub/Sub.
+Data flows one way: a :class:`Source` yields :class:`Delivery` objects that carry their
+own ``ack``/``nack``; the pipeline admits them, describes them and hands a record to a
+:class:`Sink`, which returns only once it is durable; then the delivery is acked. Nothing
+here knows about files or Pub/Sub.
+
+Every capability a source, a sink or a token provider *may* offer is a member of its
+protocol, and :class:`SourceBase` / :class:`SinkBase` give each one a do-nothing default.
+So the pipeline, the app and the metrics call them unconditionally (no probing with
+``getattr``), and a wrapper that implements the protocol forwards everything or fails
+type-checking.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Delivery", "Record", "Sink", "Source"]
+import anyio
+from anyio.abc import TaskStatus
+
+from .errors import ServiceError
+
+__all__ = [
+    "Answer",
+    "Delivery",
+    "PipelineObserver",
+    "Record",
+    "Sink",
+    "SinkBase",
+    "Source",
+    "SourceBase",
+    "SourceCounters",
+    "TokenProvider",
+]
 
 Record = dict[str, Any]
 
 
+@dataclass(slots=True, frozen=True)
+class Answer:
+    """What the model said about one image: the pipeline turns it into a record."""
+
+    text: str
+    model: str
+    usage: dict[str, int] | None
+    finish_reason: str | None
+
+
 class Delivery(Protocol):
+    """One job as a source handed it over. It must be acked or nacked exactly once."""
+
     #: The job's bytes as received (a line, a message's data).
     data: bytes
     #: An id the source already has for this job (e.g. Pub/Sub's messageId), or None.
@@ -32,22 +68,99 @@ class Delivery(Protocol):
         """The job was not finished; hand it back if the source can."""
 
 
+@dataclass(slots=True)
+class SourceCounters:
+    """What a queue source counts, per message (exported as ``worker_source_*_total``)."""
+
+    acked: int = 0
+    nacked: int = 0
+    extended: int = 0
+    lease_expired: int = 0
+    ack_failures: int = 0
+    modack_failures: int = 0
+
+
 class Source(Protocol):
+    """Where jobs come from. A source owns its connection to upstream (leases, acks,
+    flow control); it never decides what happens to a job."""
+
     #: Shown in logs and summaries.
     name: str
     #: Input from the operator's own machine (file, stdin): local image paths are allowed
     #: below the working directory by default. Remote input (queues) is not trusted.
     trusted: bool
 
+    async def prepare(self) -> None:
+        """Check, before anything runs, that the source can be read; raise
+        :class:`~worker.errors.ConfigError` for what the operator must fix."""
+
+    async def run_services(self, *, task_status: TaskStatus[None]) -> None:
+        """Background work (pulls, lease extension, acks) until cancelled; call
+        ``task_status.started()`` once deliveries may be asked for."""
+
     def deliveries(self) -> AsyncGenerator[Delivery, None]:
         """Yield jobs. The pipeline asks for the next one only when it has room."""
         ...
 
-    async def aclose(self) -> None: ...
+    def set_capacity(self, jobs: int) -> None:
+        """The pipeline can take about ``jobs`` jobs now: hold no more than that."""
+
+    @property
+    def answered_at(self) -> float | None:
+        """Monotonic time of upstream's latest answer, empty ones included (liveness
+        tells "nothing to do" from "stuck" by it), or None if it never answered."""
+        ...
+
+    @property
+    def counters(self) -> SourceCounters | None:
+        """Per-message counters of a queue source, or None."""
+        ...
+
+    async def aclose(self) -> None:
+        """Called once the pipeline is done: hand back whatever is still held."""
+
+
+class SourceBase:
+    """Defaults for every optional capability of :class:`Source`."""
+
+    name = "source"
+    trusted = False
+
+    async def prepare(self) -> None:
+        return None
+
+    async def run_services(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+
+    def set_capacity(self, jobs: int) -> None:
+        return None
+
+    @property
+    def answered_at(self) -> float | None:
+        return None
+
+    @property
+    def counters(self) -> SourceCounters | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
 
 
 class Sink(Protocol):
+    """Where records go. ``write`` returns only when every record is durable."""
+
     name: str
+    #: Batches that may be written at once. 1 for a file (one fsync after another); more
+    #: for a sink whose write waits on something slow that batches share (an object
+    #: that is finalised when it is full or old enough).
+    max_concurrent_writes: int
+
+    async def prepare(self) -> None:
+        """Check, before anything runs, that records can be written; raise
+        :class:`~worker.errors.ConfigError` for what the operator must fix."""
 
     async def write(self, records: Sequence[Record]) -> None:
         """Return only when every record is durably stored; raise if they are not."""
@@ -57,3 +170,58 @@ class Sink(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class SinkBase:
+    """Defaults for the optional parts of :class:`Sink`."""
+
+    name = "sink"
+    max_concurrent_writes = 1
+
+    async def prepare(self) -> None:
+        return None
+
+    async def existing_ids(self) -> set[str]:
+        return set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class TokenProvider(Protocol):
+    """Where bearer tokens come from (``worker.auth``). ``run_refresher`` runs for the
+    life of the process; the counters and expiry feed ``/metrics`` and ``/readyz``."""
+
+    #: Token refreshes, and the ones that failed.
+    refreshes: int
+    refresh_failures: int
+
+    @property
+    def expires_at(self) -> float | None:
+        """Wall-clock expiry of the token held (None: it does not expire, or none)."""
+        ...
+
+    @property
+    def google(self) -> bool:
+        """True for Google credentials, which may also be sent to Google APIs (Pub/Sub,
+        Cloud Storage); a third-party API key never is."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def token(self) -> str: ...
+
+    async def refresh_after_rejection(self, rejected: str) -> None:
+        """``rejected`` got a 401: refresh once, however many requests saw it rejected."""
+
+    async def run_refresher(self) -> None: ...
+
+
+class PipelineObserver(Protocol):
+    """Told of each job's milestones (metrics, liveness); every call must be cheap."""
+
+    def received(self, delivery: Delivery) -> None: ...
+
+    def model_answered(self, error: ServiceError | None, latency_s: float) -> None: ...
+
+    def finished(self, latency_s: float) -> None: ...

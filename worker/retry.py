@@ -1,20 +1,31 @@
-"""What is retried, and how long we wait.
+"""What is retried, how long we wait, and how attempts and deadlines are counted.
 
-Classification (the README carries the same table):
+One loop (:func:`retry_call`, on tenacity) serves every caller: the model, Pub/Sub,
+image and Cloud Storage fetches, and token refreshes. A caller states only its own
+budget, a :class:`RetryPolicy`; the rules below are the same for all of them.
 
-=====================================  ============  ===============================
-answer                                 kind          what happens
-=====================================  ============  ===============================
-429 / ``RESOURCE_EXHAUSTED``           rate_limited  wait (Retry-After if given), retry;
-                                                     does not use an attempt, only time
-408, 5xx, timeout, reset, refused      transient     backoff, retry; uses an attempt
-401                                    unauthorized  refresh the token once, retry at
-                                                     once; a second 401 is transient
-400, 403, 404, 409, 413, 422, other    permanent     dead-letter (``model_rejected``)
-=====================================  ============  ===============================
+===================================  ============  ========================================
+failure                              kind          what happens
+===================================  ============  ========================================
+HTTP 429 / ``RESOURCE_EXHAUSTED``    rate_limited  wait the answer's Retry-After (else
+                                                   backoff); uses no attempt unless the
+                                                   policy says so (only time)
+HTTP 408, 425, 5xx; timeout; reset   transient     full-jitter backoff; uses an attempt
+HTTP 401                             unauthorized  the caller refreshed its token: retry
+                                                   at once; a second 401 is transient
+anything else                        permanent     raised at once
+===================================  ============  ========================================
 
-When the attempts or the per-job deadline run out on a transient error the job is
-``retries_exhausted``: dead-lettered for a file source, handed back to a queue source.
+A :class:`~worker.errors.ServiceError` carries its kind (set by the client that read the
+answer, with :func:`kind_for_status`) and the pause the service asked for
+(:func:`retry_after_s`). Plain ``TimeoutError``, ``ConnectionError`` and aiohttp's
+client errors are transient; every other exception is permanent (a bug is not retried).
+
+Backoff is full jitter over a capped exponential, ``uniform(0, min(max, initial *
+2**(n-1)))`` where ``n`` counts failures so far; a server's Retry-After wins, with a
+little jitter of its own so that a burst of rejected requests does not come back as
+one. Each failure's own header is read: a later 429 that asks for longer is honoured.
+Waits never run past the deadline: the last attempt is made at it.
 """
 
 from __future__ import annotations
@@ -22,54 +33,60 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
-import anyio
-import openai
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState
 
-from .settings import RetrySettings
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import Kind, ServiceError
 
 __all__ = [
+    "TRANSIENT_STATUS",
     "Kind",
-    "RetryBudget",
-    "call_with_retries",
-    "classify",
+    "OnRetry",
+    "RetryPolicy",
+    "RetryState",
+    "kind_for_status",
+    "kind_of",
     "retry_after_s",
+    "retry_call",
 ]
 
-Kind = Literal["rate_limited", "transient", "unauthorized", "permanent"]
 T = TypeVar("T")
 
-_TRANSIENT_STATUS = frozenset({408, 425, 500, 502, 503, 504})
+#: Statuses worth another try besides 429 (and any other 5xx).
+TRANSIENT_STATUS = frozenset({408, 425, 500, 502, 503, 504})
 # Retry-After beyond this is treated as this: a quota window longer than a few minutes is
 # better served by handing the job back (queue) than by a sleeping task.
 MAX_HONOURED_RETRY_AFTER_S = 300.0
 
 
-def classify(exc: BaseException) -> Kind:
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status == 429:
-            return "rate_limited"
-        if status == 401:
-            return "unauthorized"
-        if status in _TRANSIENT_STATUS or status >= 500:
-            return "transient"
-        return "permanent"
-    if isinstance(exc, openai.APIConnectionError | TimeoutError | ConnectionError):
-        # APITimeoutError is an APIConnectionError: both are worth another try.
+def kind_for_status(status: int) -> Kind:
+    """What an HTTP error status means for retrying (the one table, above)."""
+    if status == 429:
+        return "rate_limited"
+    if status == 401:
+        return "unauthorized"
+    if status in TRANSIENT_STATUS or status >= 500:
         return "transient"
     return "permanent"
 
 
-def retry_after_s(exc: BaseException) -> float | None:
-    """The server's requested pause: ``retry-after-ms`` wins over ``Retry-After``."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
+def kind_of(exc: BaseException) -> Kind:
+    if isinstance(exc, ServiceError):
+        return exc.kind
+    if isinstance(exc, TimeoutError | ConnectionError | aiohttp.ClientError):
+        return "transient"
+    return "permanent"
+
+
+def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """The server's requested pause: ``retry-after-ms`` wins over ``Retry-After``
+    (seconds or an HTTP date). Capped at :data:`MAX_HONOURED_RETRY_AFTER_S`."""
+    if not headers:
         return None
     ms = headers.get("retry-after-ms")
     if ms:
@@ -83,125 +100,168 @@ def retry_after_s(exc: BaseException) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
             return None
         seconds = parsed.timestamp() - time.time()
     return max(0.0, min(seconds, MAX_HONOURED_RETRY_AFTER_S))
 
 
-@dataclass(slots=True)
-class RetryBudget:
-    """Per-job retry accounting: attempts made, and those that count against the limit."""
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """What one caller may spend on one operation.
 
+    ``attempts`` bounds the failures that count (None: no bound); ``deadline_s`` the time
+    from the first attempt (None: no bound). With neither, the loop retries transient
+    failures until it is cancelled (a pull loop, a token refresher).
+    """
+
+    attempts: int | None = 8
+    deadline_s: float | None = 600.0
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    #: Whether a 429 uses an attempt. The model's quota is waited out on time alone; an
+    #: image host that keeps answering 429 is just failing.
+    rate_limited_counts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError("attempts must be >= 1 (or None)")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise ValueError("deadline_s must be > 0 (or None)")
+        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+
+
+@dataclass(slots=True)
+class RetryState:
+    """One operation's account: read it after the call (records carry ``attempts``)."""
+
+    #: Clock time of the first attempt; the deadline counts from here.
     started_at: float
     attempts: int = 0
+    #: Failures that counted against ``RetryPolicy.attempts``.
     counted: int = 0
     rate_limited: int = 0
+    unauthorized: int = 0
     last_error: BaseException | None = None
 
 
-OnRetry = Callable[[BaseException, Kind, float, RetryBudget], None]
+#: Told of each retry before its wait: (error, its kind, the wait in seconds, the state).
+OnRetry = Callable[[BaseException, Kind, float, RetryState], None]
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    return classify(exc) != "permanent"
+class _Loop:
+    """tenacity's retry/wait/stop for one operation, all reading one :class:`RetryState`.
 
+    tenacity asks ``retry`` first, then ``wait``, then ``stop``: the failure is
+    accounted for in ``retry`` and the other two only read the account.
+    """
 
-class _Policy:
-    """tenacity stop/wait/before-sleep for one job; see the module docstring."""
-
-    __slots__ = ("budget", "on_retry", "settings")
+    __slots__ = ("classify", "clock", "delay", "kind", "on_retry", "policy", "state")
 
     def __init__(
-        self, settings: RetrySettings, budget: RetryBudget, on_retry: OnRetry | None
+        self,
+        policy: RetryPolicy,
+        state: RetryState,
+        classify: Callable[[BaseException], Kind],
+        on_retry: OnRetry | None,
+        clock: Clock,
     ) -> None:
-        self.settings = settings
-        self.budget = budget
+        self.policy = policy
+        self.state = state
+        self.classify = classify
         self.on_retry = on_retry
+        self.clock = clock
+        self.kind: Kind = "permanent"
+        self.delay = 0.0
 
-    def _note(self, exc: BaseException) -> None:
-        b = self.budget
-        b.last_error = exc
-        if classify(exc) == "rate_limited":
-            b.rate_limited += 1
+    def retry(self, rs: RetryCallState) -> bool:
+        exc = rs.outcome.exception() if rs.outcome is not None else None
+        if exc is None:
+            return False
+        kind = self.classify(exc)
+        if kind == "permanent":
+            return False
+        s = self.state
+        s.last_error = exc
+        if kind == "unauthorized" and s.unauthorized == 0:
+            # The caller refreshed its token before raising: go again at once, free.
+            s.unauthorized += 1
+        elif kind == "rate_limited" and not self.policy.rate_limited_counts:
+            s.rate_limited += 1
         else:
-            b.counted += 1
+            kind = "transient" if kind == "unauthorized" else kind
+            s.counted += 1
+        self.kind = kind
+        return True
 
-    def stop(self, state: RetryCallState) -> bool:
-        exc = state.outcome.exception() if state.outcome else None
-        if exc is not None:
-            self._note(exc)
-        b = self.budget
-        return (
-            b.counted >= self.settings.max_attempts
-            or time.monotonic() - b.started_at >= self.settings.deadline_s
-        )
+    def remaining_s(self) -> float:
+        deadline = self.policy.deadline_s
+        if deadline is None:
+            return float("inf")
+        return deadline - (self.clock.now() - self.state.started_at)
 
-    def wait(self, state: RetryCallState) -> float:
-        return self.next_delay()
-
-    def next_delay(self) -> float:
-        b = self.budget
-        exc = b.last_error
-        remaining = self.settings.deadline_s - (time.monotonic() - b.started_at)
-        hinted = retry_after_s(exc) if exc is not None else None
-        if hinted is not None:
-            delay = hinted + random.uniform(0, 0.1 * hinted + 0.01)
+    def wait(self, rs: RetryCallState) -> float:
+        s, p = self.state, self.policy
+        exc = s.last_error
+        if self.kind == "unauthorized":
+            delay = 0.0
         else:
-            # Full jitter over a capped exponential; a 429 without a hint backs off by the
-            # number of rate-limited answers so far, like any other failure.
-            n = max(b.counted + b.rate_limited, 1)
-            cap = min(self.settings.max_backoff_s, self.settings.initial_backoff_s * 2 ** (n - 1))
-            delay = random.uniform(0, cap)
-        delay = max(0.0, min(delay, remaining))
-        if self.on_retry is not None and exc is not None:
-            self.on_retry(exc, classify(exc), delay, b)
-        return delay
+            hinted = exc.retry_after_s if isinstance(exc, ServiceError) else None
+            if hinted is not None:
+                delay = hinted + random.uniform(0, 0.1 * hinted + 0.01)
+            else:
+                # A 429 without a hint backs off like any other failure, by how many
+                # failures (of either kind) came before it.
+                n = max(s.counted + s.rate_limited, 1)
+                cap = min(p.max_backoff_s, p.initial_backoff_s * 2 ** min(n - 1, 62))
+                delay = random.uniform(0, cap)
+        self.delay = max(0.0, min(delay, self.remaining_s()))
+        return self.delay
+
+    def stop(self, rs: RetryCallState) -> bool:
+        attempts = self.policy.attempts
+        if attempts is not None and self.state.counted >= attempts:
+            return True
+        return self.remaining_s() <= 0
+
+    def before_sleep(self, rs: RetryCallState) -> None:
+        if self.on_retry is not None and self.state.last_error is not None:
+            self.on_retry(self.state.last_error, self.kind, self.delay, self.state)
 
 
-async def call_with_retries(
+async def retry_call(
     fn: Callable[[], Awaitable[T]],
-    settings: RetrySettings,
-    budget: RetryBudget,
+    policy: RetryPolicy,
     *,
+    state: RetryState | None = None,
+    classify: Callable[[BaseException], Kind] = kind_of,
     on_retry: OnRetry | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> T:
-    """Run ``fn`` until it succeeds, fails permanently, or the budget is spent.
+    """Call ``fn`` until it succeeds, fails permanently, or ``policy`` is spent; then
+    raise its last exception. Every attempt, the first included, goes through here.
 
-    The first attempt runs without tenacity: almost every job succeeds at once, and that
-    path should cost nothing. Raises the last exception when giving up.
+    ``classify`` decides what a failure is (default :func:`kind_of`); ``state`` (made
+    when not given) is where attempts and failures are counted.
     """
-    budget.attempts += 1
-    try:
-        return await fn()
-    except Exception as exc:
-        if not _is_retryable(exc):
-            raise
-        first: BaseException = exc
-    policy = _Policy(settings, budget, on_retry)
-    # Account for the first failure the way tenacity would have.
-    policy._note(first)
-    if budget.counted >= settings.max_attempts:
-        raise first
-    delay = policy.next_delay()
-    if delay > 0:
-        await _sleep(delay)
+    if state is None:
+        state = RetryState(started_at=clock.now())
+    loop = _Loop(policy, state, classify, on_retry, clock)
 
     async def attempt() -> T:
-        budget.attempts += 1
+        state.attempts += 1
         return await fn()
 
     retrying = AsyncRetrying(
-        retry=retry_if_exception(_is_retryable),
-        stop=policy.stop,
-        wait=policy.wait,
+        retry=loop.retry,
+        wait=loop.wait,
+        stop=loop.stop,
+        before_sleep=loop.before_sleep,
+        sleep=clock.sleep,
         reraise=True,
-        sleep=_sleep,
     )
     result: T = await retrying(attempt)
     return result
-
-
-async def _sleep(seconds: float) -> None:
-    await anyio.sleep(seconds)

@@ -15,14 +15,20 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PROMPT",
+    "INLINE_MODES",
+    "AuthMode",
     "HttpSettings",
+    "ImageBackend",
+    "ImageSettings",
+    "ImageUrlForm",
+    "InlineMode",
     "LogSettings",
     "ModelSettings",
     "PubSubSettings",
@@ -38,10 +44,19 @@ DEFAULT_MODEL = "google/gemini-2.0-flash-001"
 DEFAULT_PROMPT = "Describe the following image:"
 ENV_PREFIX = "WORKER_"
 
-AUTH_MODES = ("google", "api-key", "none")
-IMAGE_URL_FORMS = ("string", "object")
-INLINE_MODES = ("auto", "always", "never")
-IMAGE_BACKENDS = ("auto", "vertex", "other")
+# Every mode is a Literal: mypy checks the code's uses, and loading a value checks it
+# against the same list (see _coerce), so the allowed values live in one place.
+AuthMode = Literal["google", "api-key", "none"]
+ImageUrlForm = Literal["string", "object"]
+InlineMode = Literal["auto", "always", "never"]
+ImageBackend = Literal["auto", "vertex", "other"]
+LatencyDist = Literal["fixed", "lognormal"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "text"]
+Concurrency = int | Literal["auto"]
+
+AUTH_MODES: tuple[AuthMode, ...] = get_args(AuthMode)
+INLINE_MODES: tuple[InlineMode, ...] = get_args(InlineMode)
 
 
 def vertex_base_url(project: str, location: str) -> str:
@@ -62,22 +77,16 @@ class ModelSettings:
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 0
     timeout_s: float = 120.0
-    auth: str = "google"
+    auth: AuthMode = "google"
     api_key_env: str = "OPENAI_API_KEY"
-    image_url_form: str = "string"
+    image_url_form: ImageUrlForm = "string"
 
     def validate(self) -> None:
         _require(bool(self.model.strip()), "model.model", "must not be empty")
         _require(bool(self.prompt.strip()), "model.prompt", "must not be empty")
         _require(self.max_tokens >= 0, "model.max_tokens", "must be >= 0 (0 = not sent)")
         _require(0 < self.timeout_s <= 3600, "model.timeout_s", "must be > 0 and <= 3600")
-        _require(self.auth in AUTH_MODES, "model.auth", f"must be one of {', '.join(AUTH_MODES)}")
         _require(bool(self.api_key_env), "model.api_key_env", "must name an environment variable")
-        _require(
-            self.image_url_form in IMAGE_URL_FORMS,
-            "model.image_url_form",
-            f"must be one of {', '.join(IMAGE_URL_FORMS)}",
-        )
         if self.base_url:
             _require(
                 self.base_url.startswith(("http://", "https://")),
@@ -124,7 +133,7 @@ class WorkerSettings:
     sink: str = "stdout:"
     dead_letter: str = ""
     # An int, or "auto" for the adaptive limiter bounded by min/max_concurrency.
-    concurrency: int | str = 32
+    concurrency: Concurrency = 32
     min_concurrency: int = 1
     max_concurrency: int = 256
     # Jobs admitted from the source but not finished; 0 means twice the concurrency ceiling.
@@ -143,15 +152,6 @@ class WorkerSettings:
         _require(bool(self.source), "worker.source", "must not be empty")
         _require(0 <= self.shutdown_grace_s <= 3600, "worker.shutdown_grace_s", "must be 0..3600")
         _require(bool(self.sink), "worker.sink", "must not be empty")
-        if isinstance(self.concurrency, str):
-            text = self.concurrency.strip().lower()
-            if text.isdigit():
-                self.concurrency = int(text)
-            else:
-                _require(
-                    text == "auto", "worker.concurrency", "must be an integer 1..10000 or 'auto'"
-                )
-                self.concurrency = "auto"
         if isinstance(self.concurrency, int):
             _require(
                 1 <= self.concurrency <= 10_000,
@@ -249,9 +249,9 @@ class ImageSettings:
 
     # auto: Vertex AI reads gs:// and data: itself, everything else is fetched and inlined;
     # always: fetch and inline everything; never: pass every remote URI through.
-    inline_images: str = "auto"
+    inline_images: InlineMode = "auto"
     # What "auto" assumes about the model: auto decides from the base URL.
-    backend: str = "auto"
+    backend: ImageBackend = "auto"
     allow_http: bool = False
     # Lets job URLs reach loopback and private ranges (link-local, i.e. the cloud metadata
     # server, multicast, unspecified and reserved addresses stay refused).
@@ -268,16 +268,6 @@ class ImageSettings:
     ca_bundle: str = ""
 
     def validate(self) -> None:
-        _require(
-            self.inline_images in INLINE_MODES,
-            "images.inline_images",
-            f"must be one of {', '.join(INLINE_MODES)}",
-        )
-        _require(
-            self.backend in IMAGE_BACKENDS,
-            "images.backend",
-            f"must be one of {', '.join(IMAGE_BACKENDS)}",
-        )
         _require(
             1 <= self.max_image_bytes <= 1024**3, "images.max_image_bytes", "must be 1..1073741824"
         )
@@ -302,18 +292,13 @@ class SimulatorSettings:
 
     embedded: bool = False
     latency_ms: float = 0.0
-    latency_dist: str = "fixed"
+    latency_dist: LatencyDist = "fixed"
     rate_limit_rps: float = 0.0
     error_rate: float = 0.0
     reset_rate: float = 0.0
 
     def validate(self) -> None:
         _require(self.latency_ms >= 0, "simulator.latency_ms", "must be >= 0")
-        _require(
-            self.latency_dist in ("fixed", "lognormal"),
-            "simulator.latency_dist",
-            "must be fixed or lognormal",
-        )
         _require(
             self.rate_limit_rps >= 0, "simulator.rate_limit_rps", "must be >= 0 (0 = no limit)"
         )
@@ -345,19 +330,11 @@ class HttpSettings:
 
 @dataclass
 class LogSettings:
-    level: str = "info"
-    format: str = "auto"
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
 
     def validate(self) -> None:
-        _require(
-            self.level.lower() in ("debug", "info", "warning", "error"),
-            "log.level",
-            "must be debug, info, warning or error",
-        )
-        self.level = self.level.lower()
-        _require(
-            self.format in ("auto", "json", "text"), "log.format", "must be auto, json or text"
-        )
+        return None
 
 
 @dataclass
@@ -395,27 +372,34 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` (from TOML, the environment or a flag) as the type ``hint`` names.
+
+    Literal choices are matched case-insensitively, so ``WORKER_LOG__LEVEL=DEBUG`` works;
+    ``int | Literal["auto"]`` takes either. Anything else is a ConfigError naming the key.
+    """
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if typing.get_origin(hint) is typing.Union:
+        options = typing.get_args(hint)
+    choices: list[str] = []
     for kind in options:
-        if kind is bool:
+        if typing.get_origin(kind) is Literal:
+            allowed = typing.get_args(kind)
+            text = value.strip().lower() if isinstance(value, str) else value
+            if text in allowed:
+                return text
+            choices += [str(a) for a in allowed]
+        elif kind is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in (
-                "1",
-                "true",
-                "yes",
-                "on",
-                "0",
-                "false",
-                "no",
-                "off",
-            ):
+            if isinstance(value, str) and value.lower() in _BOOL_WORDS:
                 return value.lower() in ("1", "true", "yes", "on")
+            choices.append("true or false")
         elif kind is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
             if isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 return int(value)
+            choices.append("an integer")
         elif kind is float:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 return float(value)
@@ -424,10 +408,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                     return float(value)
                 except ValueError:
                     pass
-        elif kind is str and isinstance(value, str):
-            return value
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in options)
-    raise ConfigError(key, f"must be {names} (got {value!r})")
+            choices.append("a number")
+        elif kind is str:
+            if isinstance(value, str):
+                return value
+            choices.append("a string")
+    raise ConfigError(key, f"must be {' or '.join(choices)} (got {value!r})")
+
+
+_BOOL_WORDS = frozenset({"1", "true", "yes", "on", "0", "false", "no", "off"})
 
 
 def _apply_mapping(settings: Settings, data: Mapping[str, Any], origin: str) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..protocols import Sink
-from .batch import BatchWriter, SinkFailed
+from .batch import BatchWriter
 from .jsonl import JsonlSink
 from .stdout import StdoutSink
 
@@ -18,49 +18,35 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchWriter",
     "JsonlSink",
-    "SinkFailed",
     "StdoutSink",
     "default_dead_letter",
     "open_sink",
+    "open_sinks",
 ]
 
+SINK_SCHEMES = "jsonl:PATH, stdout: or pubsub:projects/P/topics/T"
 
-def open_sink(
-    spec: str,
-    *,
-    key: str = "worker.sink",
-    settings: Settings | None = None,
-    pubsub: PubSubClient | None = None,
-) -> Sink:
-    """``pubsub`` is the process's shared Pub/Sub client (without one, a Pub/Sub sink
-    makes and owns its own)."""
+
+def open_sink(spec: str, *, key: str = "worker.sink", pubsub: PubSubClient | None = None) -> Sink:
+    """A sink for ``spec`` (nothing is opened yet: see ``Sink.prepare``). ``pubsub`` is
+    the process's Pub/Sub client, which a ``pubsub:`` sink needs."""
     scheme, sep, rest = spec.partition(":")
     if not sep:
-        raise ConfigError(key, f"{spec!r} has no scheme; use jsonl:PATH or stdout:")
+        raise ConfigError(key, f"{spec!r} has no scheme; use {SINK_SCHEMES}")
     if scheme == "jsonl":
         if not rest:
             raise ConfigError(key, "jsonl: needs a path (jsonl:out/results.jsonl)")
-        return JsonlSink(rest)
+        return JsonlSink(rest, key=key)
     if scheme == "stdout":
         return StdoutSink()
     if scheme == "pubsub":
-        from ..pubsub import PubSubClient
-        from .pubsub import PubSubSink, parse_topic
+        from ..pubsub import PubSubSink, parse_topic
 
         topic = parse_topic(rest, key)
-        if pubsub is not None:
-            return PubSubSink(topic, pubsub)
-        from ..settings import PubSubSettings
-
-        p = settings.pubsub if settings is not None else PubSubSettings()
-        client = PubSubClient.from_environment(
-            request_timeout_s=p.request_timeout_s, retry_deadline_s=p.retry_deadline_s
-        )
-        return PubSubSink(topic, client, owns_client=True)
-    raise ConfigError(
-        key,
-        f"unknown sink scheme {scheme!r}; use jsonl:PATH, stdout: or pubsub:projects/P/topics/T",
-    )
+        if pubsub is None:
+            raise ValueError("a pubsub: sink needs the process's Pub/Sub client")
+        return PubSubSink(topic, pubsub, key=key)
+    raise ConfigError(key, f"unknown sink scheme {scheme!r}; use {SINK_SCHEMES}")
 
 
 def default_dead_letter(sink_spec: str) -> str:
@@ -71,3 +57,19 @@ def default_dead_letter(sink_spec: str) -> str:
         stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
         return f"jsonl:{path.with_name(stem + '.dead-letter.jsonl')}"
     return sink_spec
+
+
+def dead_letter_spec(settings: Settings) -> str:
+    w = settings.worker
+    return w.dead_letter or default_dead_letter(w.sink)
+
+
+def open_sinks(settings: Settings, pubsub: PubSubClient | None) -> tuple[Sink, Sink]:
+    """The result sink and the dead-letter sink of ``worker run`` and ``worker serve``
+    (the same object when both specs are the same)."""
+    spec = settings.worker.sink
+    dl_spec = dead_letter_spec(settings)
+    sink = open_sink(spec, pubsub=pubsub)
+    if dl_spec == spec:
+        return sink, sink
+    return sink, open_sink(dl_spec, key="worker.dead_letter", pubsub=pubsub)

@@ -1,8 +1,10 @@
 """Group commit: many jobs' records share one sink write (one fsync, one publish).
 
-Jobs call :meth:`BatchWriter.put` and wait; a single writer task takes everything pending,
+Jobs call :meth:`BatchWriter.put` and wait; a writer task takes everything pending,
 writes it, and wakes the waiters. While one write is under way the next batch gathers, so
-batches grow with load and no timer is needed.
+batches grow with load and no timer is needed. A sink that declares
+``max_concurrent_writes > 1`` (its write waits on something batches share, such as an
+object that is finalised when full or old) gets that many writes under way at once.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ from collections.abc import Callable
 
 import anyio
 
+from ..errors import SinkFailed
 from ..protocols import Record, Sink
 
-__all__ = ["BatchWriter", "SinkFailed"]
-
-
-class SinkFailed(Exception):
-    """The sink could not store a batch; the jobs in it are not done."""
+__all__ = ["BatchWriter"]
 
 
 class BatchWriter:
+    """Feeds one sink. Owns the batching and the waiting, never the records' content:
+    it does not reorder, drop or retry; a failed write fails every job in its batch
+    with :class:`~worker.errors.SinkFailed` (the pipeline then hands them back)."""
+
     def __init__(
         self,
         sink: Sink,
@@ -35,6 +38,7 @@ class BatchWriter:
         self._pending: list[tuple[Record, asyncio.Future[None]]] = []
         self._wakeup = anyio.Event()
         self._on_write = on_write
+        self._writes = anyio.Semaphore(max(1, sink.max_concurrent_writes))
         self.batches = 0
         self.records = 0
 
@@ -46,19 +50,30 @@ class BatchWriter:
         await future
 
     async def run(self) -> None:
-        """The writer task; runs until cancelled, and finishes a batch it has started."""
-        while True:
-            if not self._pending:
-                self._wakeup = anyio.Event()
-                await self._wakeup.wait()
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            # Once taken, a batch is written even if we are being cancelled: the jobs in it
-            # are waiting on this write to ack.
-            with anyio.CancelScope(shield=True):
-                await self._write(batch)
+        """The writer task; runs until cancelled, and finishes the batches it started."""
+        async with anyio.create_task_group() as writes:
+            while True:
+                if not self._pending:
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+                await self._writes.acquire()
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                if not batch:
+                    self._writes.release()
+                    continue
+                writes.start_soon(self._write, batch)
 
     async def _write(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
+        # Once taken, a batch is written even if we are being cancelled: the jobs in it
+        # are waiting on this write to ack.
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._write_batch(batch)
+        finally:
+            self._writes.release()
+
+    async def _write_batch(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
         started = time.perf_counter()
         try:
             await self.sink.write([record for record, _ in batch])

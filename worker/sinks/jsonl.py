@@ -10,7 +10,8 @@ from typing import BinaryIO
 
 import anyio.to_thread
 
-from ..protocols import Record
+from ..errors import ConfigError
+from ..protocols import Record, SinkBase
 
 __all__ = ["JsonlSink", "encode_records", "read_ids"]
 
@@ -39,11 +40,29 @@ def read_ids(path: Path) -> set[str]:
     return ids
 
 
-class JsonlSink:
-    def __init__(self, path: str) -> None:
+class JsonlSink(SinkBase):
+    """``jsonl:PATH``: records appended as JSON lines; a write is durable once flushed
+    and fsynced. Opened by :meth:`prepare`, so a directory that cannot be created or a
+    file that cannot be written is a one-line start-up error. Never rewrites a line."""
+
+    def __init__(self, path: str, *, key: str = "worker.sink") -> None:
         self.path = Path(path)
         self.name = f"jsonl:{path}"
+        self._key = key
         self._handle: BinaryIO | None = None
+
+    async def prepare(self) -> None:
+        if self._handle is not None:
+            return
+        try:
+            self._handle = await anyio.to_thread.run_sync(self._open)
+        except OSError as exc:
+            where = exc.filename or self.path
+            raise ConfigError(
+                self._key,
+                f"cannot write {self.path}: {exc.strerror} ({where}); "
+                "choose a writable path for jsonl:PATH",
+            ) from None
 
     def _open(self) -> BinaryIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,15 @@ from collections.abc import Sequence
 
 import anyio.to_thread
 
-from ..protocols import Record
+from ..protocols import Record, SinkBase
 from .jsonl import encode_records
 
 __all__ = ["StdoutSink"]
 
 
-class StdoutSink:
+class StdoutSink(SinkBase):
+    """``stdout:``: records as JSON lines on standard output (logs go to stderr)."""
+
     name = "stdout:"
 
     def _write(self, data: bytes) -> None:
@@ -24,9 +26,3 @@ class StdoutSink:
     async def write(self, records: Sequence[Record]) -> None:
         # A full pipe blocks the write: keep that off the event loop.
         await anyio.to_thread.run_sync(self._write, encode_records(records))
-
-    async def existing_ids(self) -> set[str]:
-        return set()
-
-    async def aclose(self) -> None:
-        return None

@@ -7,60 +7,52 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from ..protocols import Source
 from .file import FileSource, StdinSource
-from .memory import MemorySource
+from .memory import LocalDelivery, MemorySource
 
 if TYPE_CHECKING:
     from ..pubsub import PubSubClient
     from ..settings import Settings
 
-__all__ = ["FileSource", "MemorySource", "StdinSource", "open_source"]
+__all__ = ["FileSource", "LocalDelivery", "MemorySource", "StdinSource", "open_source"]
+
+SOURCE_SCHEMES = "file:PATH, stdin: or pubsub:projects/P/subscriptions/S"
 
 
 def open_source(
-    spec: str, *, settings: Settings | None = None, pubsub: PubSubClient | None = None
+    spec: str,
+    *,
+    settings: Settings,
+    pubsub: PubSubClient | None = None,
+    key: str = "worker.source",
 ) -> Source:
-    """``settings`` tunes queue sources; ``pubsub`` is the process's shared Pub/Sub client
-    (without one, a Pub/Sub source makes and owns its own)."""
+    """A source for ``spec`` (nothing is opened yet: see ``Source.prepare``). ``pubsub``
+    is the process's Pub/Sub client, which a ``pubsub:`` source needs."""
     scheme, sep, rest = spec.partition(":")
     if not sep:
-        raise ConfigError(
-            "worker.source", f"{spec!r} has no scheme; use file:PATH, stdin: or pubsub:..."
-        )
+        raise ConfigError(key, f"{spec!r} has no scheme; use {SOURCE_SCHEMES}")
     if scheme == "file":
         if not rest:
-            raise ConfigError("worker.source", "file: needs a path (file:jobs.jsonl)")
-        return FileSource(rest)
+            raise ConfigError(key, "file: needs a path (file:jobs.jsonl)")
+        return FileSource(rest, key=key)
     if scheme == "stdin":
         return StdinSource()
     if scheme == "pubsub":
-        return _pubsub_source(rest, settings, pubsub)
-    raise ConfigError(
-        "worker.source",
-        f"unknown source scheme {scheme!r}; use file:PATH, stdin: or pubsub:projects/P/subscriptions/S",
-    )
+        from ..pubsub import PubSubSource, parse_subscription
 
-
-def _pubsub_source(rest: str, settings: Settings | None, client: PubSubClient | None) -> Source:
-    from ..pubsub import PubSubClient
-    from ..settings import Settings
-    from .pubsub import PubSubSource, parse_subscription
-
-    subscription = parse_subscription(rest)
-    s = settings or Settings()
-    p = s.pubsub
-    owns = client is None
-    if client is None:
-        client = PubSubClient.from_environment(
-            request_timeout_s=p.request_timeout_s, retry_deadline_s=p.retry_deadline_s
+        subscription = parse_subscription(rest, key)
+        if pubsub is None:
+            raise ValueError("a pubsub: source needs the process's Pub/Sub client")
+        p = settings.pubsub
+        in_flight = settings.worker.jobs_in_flight_limit
+        return PubSubSource(
+            subscription,
+            pubsub,
+            max_outstanding_messages=p.max_outstanding_messages
+            or in_flight + max(1, in_flight // 4),
+            max_outstanding_bytes=p.max_outstanding_bytes,
+            lease_extension_s=p.lease_extension_s,
+            max_lease_s=p.max_lease_s,
+            ack_window_s=p.ack_window_s,
+            key=key,
         )
-    in_flight = s.worker.jobs_in_flight_limit
-    return PubSubSource(
-        subscription,
-        client,
-        max_outstanding_messages=p.max_outstanding_messages or in_flight + max(1, in_flight // 4),
-        max_outstanding_bytes=p.max_outstanding_bytes,
-        lease_extension_s=p.lease_extension_s,
-        max_lease_s=p.max_lease_s,
-        ack_window_s=p.ack_window_s,
-        owns_client=owns,
-    )
+    raise ConfigError(key, f"unknown source scheme {scheme!r}; use {SOURCE_SCHEMES}")

@@ -14,6 +14,8 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 
+from ..errors import ConfigError
+from ..protocols import SourceBase
 from .memory import LocalDelivery
 
 __all__ = ["FileSource", "StdinSource"]
@@ -36,18 +38,39 @@ async def _lines(read: BinaryIO) -> AsyncIterator[bytes]:
         yield tail.rstrip(b"\r")
 
 
-class FileSource:
+class FileSource(SourceBase):
+    """``file:PATH``: one job per non-blank line, read once, front to back.
+
+    Trusted (the operator's own input). Opened by :meth:`prepare`, so a missing or
+    unreadable file is a one-line start-up error, not a failure mid-run. Nothing is
+    handed back: a job not finished is simply not in the sink, and a rerun resumes it.
+    """
+
     trusted = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, key: str = "worker.source") -> None:
         self.path = path
         self.name = f"file:{path}"
+        self._key = key
+        self._handle: BinaryIO | None = None
+
+    async def prepare(self) -> None:
+        try:
+            self._handle = await anyio.to_thread.run_sync(open, self.path, "rb")
+        except IsADirectoryError:
+            raise ConfigError(
+                self._key, f"{self.path} is a directory, not a file of jobs"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                self._key, f"cannot read {self.path}: {exc.strerror} (file:PATH names a JSONL file)"
+            ) from None
 
     async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
-        try:
-            handle = await anyio.to_thread.run_sync(open, self.path, "rb")
-        except OSError as exc:
-            raise SourceUnavailable(f"cannot read {self.path}: {exc.strerror}") from None
+        if self._handle is None:
+            await self.prepare()
+        handle, self._handle = self._handle, None
+        assert handle is not None
         try:
             async for line in _lines(handle):
                 yield LocalDelivery(line)
@@ -55,20 +78,17 @@ class FileSource:
             handle.close()
 
     async def aclose(self) -> None:
-        return None
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()
 
 
-class StdinSource:
+class StdinSource(SourceBase):
+    """``stdin:``: one job per line until end of input. Trusted, like a file."""
+
     trusted = True
     name = "stdin:"
 
     async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
         async for line in _lines(sys.stdin.buffer):
             yield LocalDelivery(line)
-
-    async def aclose(self) -> None:
-        return None
-
-
-class SourceUnavailable(Exception):
-    """The source itself cannot be read (not a job's fault)."""

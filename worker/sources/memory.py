@@ -6,6 +6,8 @@ from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocols import SourceBase
+
 __all__ = ["LocalDelivery", "MemorySource"]
 
 
@@ -25,7 +27,9 @@ class LocalDelivery:
         return None
 
 
-class MemorySource:
+class MemorySource(SourceBase):
+    """Jobs from an iterable of bytes (read lazily, as the pipeline asks)."""
+
     def __init__(
         self, jobs: Iterable[bytes], *, name: str = "memory", trusted: bool = True
     ) -> None:
@@ -36,6 +40,3 @@ class MemorySource:
     async def deliveries(self) -> AsyncGenerator[LocalDelivery, None]:
         for data in self._jobs:
             yield LocalDelivery(data)
-
-    async def aclose(self) -> None:
-        return None

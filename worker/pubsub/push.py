@@ -1,15 +1,11 @@
-"""``worker serve``: a Pub/Sub push endpoint (Cloud Run) on the same pipeline as ``run``.
+"""Source for ``worker serve``: Pub/Sub push requests (Cloud Run) as jobs.
 
 Each push request becomes a :class:`PushDelivery` of :class:`PushSource`; the pipeline
 describes it, writes the record (or the dead-letter record) and then calls ``ack``, which
 answers the request 204. ``nack`` (a transient failure, a sink that would not take the
 record, a shutdown) answers 503 so Pub/Sub redelivers. Nothing is answered 2xx before the
-record is durable.
-
-Optional OIDC check (``pubsub.push_audience``): the ``Authorization: Bearer`` token must
-be a Google-signed ID token for that audience, from a verified email, and, when
-``pubsub.push_allowed_emails`` is set, from one of those service accounts. Missing: 401;
-anything wrong with it: 403. Either way the job is not run.
+record is durable. Pushes are checked with :class:`~worker.pubsub.oidc.OidcVerifier`
+when one is given (missing token: 401; anything wrong with it: 403; the job never runs).
 """
 
 from __future__ import annotations
@@ -29,122 +25,20 @@ import anyio
 from aiohttp import web
 from anyio.abc import TaskStatus
 
-from .auth import NoTokens
-from .http import add_routes
-from .metrics import Telemetry
-from .pipeline import RunStats
-from .settings import PubSubSettings, Settings
-from .sources.pubsub import delivery_fields
+from ..protocols import SourceBase
+from .messages import delivery_fields
+from .oidc import OidcVerifier
 
-__all__ = [
-    "GOOGLE_CERTS_URL",
-    "MAX_PUSH_BODY_BYTES",
-    "OidcVerifier",
-    "PushDelivery",
-    "PushSource",
-    "serve_push",
-]
+__all__ = ["MAX_PUSH_BODY_BYTES", "PushDelivery", "PushSource"]
 
-log = logging.getLogger("worker.push")
+log = logging.getLogger("worker.pubsub.push")
 
 MAX_PUSH_BODY_BYTES = 10 * 1024 * 1024
-GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
-GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
-DEFAULT_CERTS_TTL_S = 3600.0
-# An unknown key id refetches the certificates, but not more often than this.
-MIN_CERTS_REFETCH_S = 30.0
-CLOCK_SKEW_S = 30
-
-
-class OidcVerifier:
-    """Checks Pub/Sub push ID tokens with google-auth against Google's (cached) certs."""
-
-    def __init__(
-        self, audience: str, allowed_emails: frozenset[str], certs_url: str = GOOGLE_CERTS_URL
-    ) -> None:
-        self.audience = audience
-        self.allowed_emails = allowed_emails
-        self.certs_url = certs_url or GOOGLE_CERTS_URL
-        self._certs: dict[str, str] = {}
-        self._fetched_at = 0.0
-        self._expires_at = 0.0
-        self._lock = anyio.Lock()
-
-    async def _fetch(self, session: aiohttp.ClientSession) -> None:
-        async with session.get(self.certs_url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            resp.raise_for_status()
-            certs = await resp.json(content_type=None)
-            max_age = DEFAULT_CERTS_TTL_S
-            for part in resp.headers.get("Cache-Control", "").split(","):
-                name, _, value = part.strip().partition("=")
-                if name == "max-age" and value.isdigit():
-                    max_age = float(value)
-        if not isinstance(certs, dict):
-            raise ValueError("certificates document is not a JSON object")
-        now = time.monotonic()
-        self._certs = {str(k): str(v) for k, v in certs.items()}
-        self._fetched_at = now
-        self._expires_at = now + max_age
-
-    async def _certs_for(self, session: aiohttp.ClientSession, kid: str) -> dict[str, str]:
-        async with self._lock:
-            now = time.monotonic()
-            stale = now >= self._expires_at
-            unknown = kid not in self._certs and now - self._fetched_at >= MIN_CERTS_REFETCH_S
-            if stale or unknown:
-                await self._fetch(session)
-        return self._certs
-
-    async def check(
-        self, session: aiohttp.ClientSession, authorization: str | None
-    ) -> tuple[int, str] | None:
-        """None when the request may be served; else (HTTP status, reason)."""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return 401, "missing bearer token"
-        token = token.strip()
-        kid = _unverified_kid(token)
-        if kid is None:
-            return 403, "malformed token"
-        try:
-            certs = await self._certs_for(session, kid)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("push_certs_unavailable", extra={"error_type": type(exc).__name__})
-            return 503, "cannot fetch signing certificates"
-        if kid not in certs:
-            return 403, "unknown signing key"
-        import google.auth.exceptions
-        from google.auth import jwt
-
-        try:
-            claims = jwt.decode(  # type: ignore[no-untyped-call]
-                token,
-                certs={kid: certs[kid]},
-                audience=self.audience,
-                clock_skew_in_seconds=CLOCK_SKEW_S,
-            )
-        except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
-            return 403, f"invalid token ({type(exc).__name__})"
-        if claims.get("iss") not in GOOGLE_ISSUERS:
-            return 403, "token not issued by Google"
-        if claims.get("email_verified") is not True:
-            return 403, "email not verified"
-        if self.allowed_emails and claims.get("email") not in self.allowed_emails:
-            return 403, "service account not allowed"
-        return None
-
-
-def _unverified_kid(token: str) -> str | None:
-    try:
-        header_b64 = token.split(".")[0]
-        header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
-    except (ValueError, binascii.Error, IndexError):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) and kid else None
 
 
 class PushDelivery:
+    """One push request waiting for its answer: ``ack`` answers 204, ``nack`` 503."""
+
     __slots__ = ("_answer", "data", "default_id", "source_info")
     redeliverable = True
 
@@ -171,8 +65,13 @@ class PushDelivery:
         self._resolve(False)
 
 
-class PushSource:
-    """Jobs arriving as push requests; the HTTP server runs in :meth:`run_services`."""
+class PushSource(SourceBase):
+    """Jobs arriving as push requests; the HTTP server runs in :meth:`run_services`.
+
+    Owns the listening port (which may also serve the probes: ``add_routes``). Never
+    answers 2xx before the pipeline acked the job; refuses (429) rather than queue more
+    than ``max_waiting`` pushes, and refuses everything (503) once draining.
+    """
 
     trusted = False
 
@@ -184,9 +83,10 @@ class PushSource:
         max_waiting: int,
         verifier: OidcVerifier | None = None,
         on_listening: Callable[[int], None] | None = None,
-        telemetry: Telemetry | None = None,
+        add_routes: Callable[[web.Application], None] | None = None,
     ) -> None:
-        self.telemetry = telemetry
+        self._add_routes = add_routes
+        self._answered_at: float | None = None
         self.host = host
         self.port = port
         self.name = f"push:{host}:{port}"
@@ -198,6 +98,11 @@ class PushSource:
         self._closing = False
         self._session: aiohttp.ClientSession | None = None
         self.refused: dict[int, int] = {}
+
+    @property
+    def answered_at(self) -> float | None:
+        """When the server started listening, or took its latest push."""
+        return self._answered_at
 
     # -- pipeline side -------------------------------------------------------------------
 
@@ -228,8 +133,8 @@ class PushSource:
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         app = web.Application(client_max_size=MAX_PUSH_BODY_BYTES)
-        if self.telemetry is not None:
-            add_routes(app, self.telemetry)  # /healthz, /readyz, /metrics on this port
+        if self._add_routes is not None:
+            self._add_routes(app)  # /healthz, /readyz, /metrics on this port
         else:
             app.router.add_get("/healthz", self._healthz)
         app.router.add_post("/{tail:.*}", self._handle)
@@ -243,8 +148,7 @@ class PushSource:
                 self.port = int(runner.addresses[0][1])
                 self.name = f"push:{self.host}:{self.port}"
                 log.info("push_listening", extra={"host": self.host, "port": self.port})
-                if self.telemetry is not None:
-                    self.telemetry.mark_source_answered()
+                self._answered_at = time.monotonic()
                 if self._on_listening is not None:
                     self._on_listening(self.port)
                 task_status.started()
@@ -288,6 +192,7 @@ class PushSource:
             # Pub/Sub slows its push rate on 429 (and retries later).
             return self._refuse(429, "too many pushes waiting")
         data, default_id, info = parsed
+        self._answered_at = time.monotonic()
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append(PushDelivery(data, default_id, info, answer))
         self._wake.set()
@@ -327,57 +232,3 @@ def _parse_push(raw: bytes) -> tuple[bytes, str | None, dict[str, Any]] | str:
     return delivery_fields(
         message, subscription if isinstance(subscription, str) else "", body.get("deliveryAttempt")
     )
-
-
-def make_verifier(settings: PubSubSettings) -> OidcVerifier | None:
-    if not settings.push_audience:
-        return None
-    return OidcVerifier(
-        settings.push_audience, settings.allowed_emails, settings.push_certs_url or GOOGLE_CERTS_URL
-    )
-
-
-async def serve_push(
-    settings: Settings,
-    *,
-    host: str = "0.0.0.0",  # Cloud Run sends traffic to the container's interfaces
-    port: int = 8080,
-    on_listening: Callable[[int], None] | None = None,
-    handle_signals: bool = True,
-) -> RunStats:
-    """Serve push requests until SIGTERM/SIGINT (or cancellation)."""
-    from .app import closing_pubsub, pubsub_client_for, run_pipeline, runtime
-    from .sinks import default_dead_letter, open_sink
-
-    w = settings.worker
-    dl_spec = w.dead_letter or default_dead_letter(w.sink)
-    pubsub = pubsub_client_for(settings, w.sink, dl_spec)
-    sink = open_sink(w.sink, settings=settings, pubsub=pubsub)
-    dead_letter = (
-        sink
-        if dl_spec == w.sink
-        else open_sink(dl_spec, key="worker.dead_letter", settings=settings, pubsub=pubsub)
-    )
-    telemetry = Telemetry(max_loop_lag_s=settings.http.max_loop_lag_s, watch_progress=False)
-    source = PushSource(
-        host=host,
-        port=port,
-        max_waiting=w.jobs_in_flight_limit,
-        verifier=make_verifier(settings.pubsub),
-        on_listening=on_listening,
-        telemetry=telemetry,
-    )
-    async with runtime(settings) as rt, closing_pubsub(pubsub, rt):
-        telemetry.set_tokens(rt.tokens, auth_required=not isinstance(rt.tokens, NoTokens))
-        stats = await run_pipeline(
-            rt,
-            source,
-            sink,
-            dead_letter,
-            resume=False,
-            handle_signals=handle_signals,
-            shutdown_grace_s=w.shutdown_grace_s,
-            telemetry=telemetry,
-        )
-    log.info("run_finished", extra=stats.summary())
-    return stats

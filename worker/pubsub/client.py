@@ -5,8 +5,9 @@ subscription. With ``PUBSUB_EMULATOR_HOST`` set, calls go to ``http://$HOST/v1``
 credentials, as Google's own clients do; otherwise to ``https://pubsub.googleapis.com/v1``
 with a cloud-platform bearer token.
 
-Transient answers (429, 5xx, UNAVAILABLE, connection resets, timeouts) are retried with
-capped, jittered exponential backoff, bounded by time. Acks and modacks are split into
+Transient answers (429, 5xx, UNAVAILABLE, connection resets, timeouts) are retried by
+:mod:`worker.retry`, bounded by time (``retry_deadline_s``, or a caller's own policy: a
+pull loop retries until it is stopped). Acks and modacks are split into
 requests of at most 1,000 ids and well under the 512 KB request limit; a request refused
 as invalid (400) is bisected, so one bad ackId cannot keep a thousand good ones from
 being acked.
@@ -14,29 +15,31 @@ being acked.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
-import random
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import anyio
 
-from .auth import GoogleTokens, TokenProvider
+from ..errors import Kind, PubSubError
+from ..protocols import TokenProvider
+from ..retry import OnRetry, RetryPolicy, RetryState, kind_for_status, retry_call
+from .messages import uses_pubsub
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = [
     "MAX_ACK_IDS_PER_REQUEST",
     "MAX_PUBLISH_MESSAGES",
+    "PUBSUB_URL",
     "PubSubClient",
-    "PubSubError",
     "chunk_ack_ids",
     "chunk_messages",
-    "encode_data",
-    "uses_pubsub",
+    "client_for",
 ]
 
 log = logging.getLogger("worker.pubsub")
@@ -48,30 +51,6 @@ MAX_ACK_REQUEST_BYTES = 400_000
 MAX_PUBLISH_MESSAGES = 1000
 # The service refuses publish bodies over 10 MB; leave room for the JSON around the data.
 MAX_PUBLISH_REQUEST_BYTES = 9_500_000
-
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
-class PubSubError(Exception):
-    """A Pub/Sub call failed; ``transient`` says whether trying again later may help."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-    @property
-    def transient(self) -> bool:
-        return self.status in _TRANSIENT_STATUS or self.status >= 500 or self.status == 0
-
-
-def uses_pubsub(*specs: str) -> bool:
-    return any(spec.startswith("pubsub:") for spec in specs)
-
-
-def encode_data(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def chunk_ack_ids(
@@ -113,7 +92,12 @@ def chunk_messages(
     for message in messages:
         cost = _message_cost(message)
         if cost + 32 > max_bytes:
-            raise PubSubError(400, "INVALID_ARGUMENT", f"a message of ~{cost} bytes is too large")
+            raise PubSubError(
+                400,
+                "INVALID_ARGUMENT",
+                f"a message of ~{cost} bytes is too large",
+                kind="permanent",
+            )
         if chunk and (len(chunk) >= max_messages or size + cost > max_bytes):
             yield chunk
             chunk, size = [], 32
@@ -124,6 +108,14 @@ def chunk_messages(
 
 
 class PubSubClient:
+    """The Pub/Sub REST calls the worker makes, on one aiohttp session.
+
+    One per process (:func:`client_for`), shared by the pull source, the topic sinks and
+    ``loadtest --publish-to``; it uses the process's Google token (never an API key).
+    It retries transient failures itself and raises :class:`~worker.errors.PubSubError`
+    when a call fails for good; it knows nothing of jobs or leases.
+    """
+
     def __init__(
         self,
         *,
@@ -139,15 +131,17 @@ class PubSubClient:
         self.base_url = base_url.rstrip("/")
         self.emulator = emulator
         self._tokens = tokens
-        self._own_tokens = False
         self.request_timeout_s = request_timeout_s
         self.retry_deadline_s = retry_deadline_s
-        self.initial_backoff_s = initial_backoff_s
-        self.max_backoff_s = max_backoff_s
+        #: How each call is retried, unless its caller brings its own policy.
+        self.retry = RetryPolicy(
+            attempts=None,
+            deadline_s=retry_deadline_s,
+            initial_backoff_s=initial_backoff_s,
+            max_backoff_s=max_backoff_s,
+        )
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        self._token_lock = anyio.Lock()
-        self._tokens_started = tokens is not None
         #: Calls made, by method, and retries; for tests and summaries.
         self.requests: dict[str, int] = {}
         self.retries = 0
@@ -164,10 +158,10 @@ class PubSubClient:
         return cls(base_url=PUBSUB_URL, **kwargs)
 
     def share_tokens(self, tokens: TokenProvider) -> None:
-        """Use the model's Google token provider (same cloud-platform scope) if it has one."""
-        if not self.emulator and self._tokens is None and isinstance(tokens, GoogleTokens):
+        """Use the process's token provider when it holds Google credentials (the
+        model's cloud-platform token serves Pub/Sub too). The emulator gets none."""
+        if not self.emulator and self._tokens is None and tokens.google:
             self._tokens = tokens
-            self._tokens_started = True
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -185,91 +179,93 @@ class PubSubClient:
             )
         return self._session
 
-    async def _token(self) -> str:
-        if self.emulator:
-            return ""
-        if not self._tokens_started:
-            async with self._token_lock:
-                if self._tokens is None:
-                    self._tokens = GoogleTokens()
-                    self._own_tokens = True
-                if not self._tokens_started:
-                    await self._tokens.start()
-                    self._tokens_started = True
-        assert self._tokens is not None
-        return await self._tokens.token()
-
     async def _once(self, method: str, path: str, body: Any) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
-        token = await self._token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        token = ""
+        if not self.emulator:
+            if self._tokens is None:
+                raise PubSubError(
+                    0, "UNAUTHENTICATED", "no Google credentials for Pub/Sub", kind="permanent"
+                )
+            token = await self._tokens.token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         session = self._get_session()
-        async with session.request(
-            method, f"{self.base_url}/{path}", data=data, headers=headers
-        ) as resp:
-            raw = await resp.read()
-            if resp.status == 200:
-                return json.loads(raw) if raw.strip() else {}
-            code, message = _error_of(raw)
-            if resp.status == 401 and token and self._tokens is not None:
-                await self._tokens.refresh_after_rejection(token)
-            raise PubSubError(resp.status, code, message)
+        try:
+            async with session.request(
+                method, f"{self.base_url}/{path}", data=data, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise PubSubError(0, "timeout", "no answer in time", kind="transient") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise PubSubError(0, "connection_error", type(exc).__name__, kind="transient") from None
+        if status == 200:
+            return json.loads(raw) if raw.strip() else {}
+        code, message = _error_of(raw)
+        kind: Kind = kind_for_status(status)
+        if kind == "unauthorized" and self._tokens is not None and token:
+            # A fresh token for every caller that saw this one rejected; retried at once.
+            await self._tokens.refresh_after_rejection(token)
+        raise PubSubError(status, code, message, kind=kind)
 
     async def call(
-        self, method: str, path: str, body: Any = None, *, deadline_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        policy: RetryPolicy | None = None,
+        on_retry: OnRetry | None = None,
     ) -> dict[str, Any]:
-        """One API call, retried on transient failures until ``deadline_s`` has passed."""
+        """One API call, retried on transient failures within ``policy`` (default: this
+        client's, bounded by ``retry_deadline_s``)."""
         verb = path.rpartition(":")[2] if ":" in path else method
         self.requests[verb] = self.requests.get(verb, 0) + 1
-        give_up_at = time.monotonic() + (
-            self.retry_deadline_s if deadline_s is None else deadline_s
-        )
-        failures = 0
-        unauthorized = 0
-        while True:
-            try:
-                return await self._once(method, path, body)
-            except PubSubError as exc:
-                if exc.status == 401 and unauthorized == 0:
-                    unauthorized += 1  # fresh token, at once
-                    continue
-                if not exc.transient:
-                    raise
-                error: Exception = exc
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                error = exc
-            failures += 1
-            cap = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (failures - 1))
-            delay = random.uniform(cap / 2, cap)
-            if time.monotonic() + delay >= give_up_at:
-                if isinstance(error, PubSubError):
-                    raise error
-                raise PubSubError(0, "UNAVAILABLE", f"{type(error).__name__}: {error}") from error
+
+        def note(exc: BaseException, kind: Kind, delay: float, state: RetryState) -> None:
             self.retries += 1
             log.debug(
                 "pubsub_retry_scheduled",
                 extra={
                     "call": verb,
-                    "error_type": type(error).__name__,
-                    "status": getattr(error, "status", None),
-                    "attempt": failures,
+                    "error_type": type(exc).__name__,
+                    "status": exc.status if isinstance(exc, PubSubError) else None,
+                    "attempt": state.attempts,
                     "delay_s": round(delay, 3),
                 },
             )
-            await anyio.sleep(delay)
+            if on_retry is not None:
+                on_retry(exc, kind, delay, state)
+
+        return await retry_call(
+            lambda: self._once(method, path, body), policy or self.retry, on_retry=note
+        )
 
     # -- the API ---------------------------------------------------------------------------
 
-    async def get_subscription(self, subscription: str) -> dict[str, Any]:
-        return await self.call("GET", subscription)
+    async def get_subscription(
+        self, subscription: str, *, policy: RetryPolicy | None = None
+    ) -> dict[str, Any]:
+        return await self.call("GET", subscription, policy=policy)
+
+    async def get_topic(self, topic: str, *, policy: RetryPolicy | None = None) -> dict[str, Any]:
+        return await self.call("GET", topic, policy=policy)
 
     async def pull(
-        self, subscription: str, max_messages: int, *, deadline_s: float | None = None
+        self,
+        subscription: str,
+        max_messages: int,
+        *,
+        policy: RetryPolicy | None = None,
+        on_retry: OnRetry | None = None,
     ) -> list[dict[str, Any]]:
         body = {"maxMessages": max(1, min(max_messages, 1000))}
-        answer = await self.call("POST", f"{subscription}:pull", body, deadline_s=deadline_s)
+        answer = await self.call(
+            "POST", f"{subscription}:pull", body, policy=policy, on_retry=on_retry
+        )
         received = answer.get("receivedMessages") or []
         return [m for m in received if isinstance(m, dict) and "ackId" in m]
 
@@ -317,6 +313,22 @@ class PubSubClient:
             answer = await self.call("POST", f"{topic}:publish", {"messages": chunk})
             ids += [str(i) for i in answer.get("messageIds", [])]
         return ids
+
+
+def client_for(settings: Settings, *specs: str) -> PubSubClient | None:
+    """The process's one Pub/Sub client when any spec is ``pubsub:``; else None. It
+    gets its token from the runtime (``share_tokens``) once credentials are loaded."""
+    if not uses_pubsub(*specs):
+        return None
+    p = settings.pubsub
+    return PubSubClient.from_environment(
+        request_timeout_s=p.request_timeout_s, retry_deadline_s=p.retry_deadline_s
+    )
+
+
+def unbounded(policy: RetryPolicy) -> RetryPolicy:
+    """``policy`` without a deadline: for loops that retry until they are stopped."""
+    return replace(policy, deadline_s=None)
 
 
 def _error_of(raw: bytes) -> tuple[str, str]:
