@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker.app import run_pipeline, run_worker, runtime
 from worker.http import HEALTHZ_PATH, METRICS_PATH, READYZ_PATH, serve_http
 from worker.metrics import Telemetry
-from worker.protocols import SourceBase
 from worker.pipeline import Pipeline
+from worker.protocols import SourceBase
 from worker.settings import Settings
 from worker.simulator import Simulator
 from worker.sinks import JsonlSink
