@@ -12,8 +12,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from worker.errors import ConfigError
-from worker.settings import load_settings
 from worker.simulator import Simulator
 
 from .conftest import REPO, read_jsonl
@@ -113,46 +111,54 @@ async def test_bad_env_value_exits_2() -> None:
     assert "retry.max_attempts" in proc.stderr.decode()
 
 
-def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        '[worker]\nconcurrency = 10\nsink = "jsonl:a.jsonl"\n[model]\nmodel = "file-model"\n'
-    )
-    env = {"WORKER_WORKER__CONCURRENCY": "20", "WORKER_MODEL__PROMPT": "env prompt"}
+def _start_up_errors(tmp_path: Path) -> list[tuple[list[str], dict[str, str], str, str]]:
+    """(args, extra env, key, what the line must name) for each start-up failure a user
+    can cause."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"image_uri": "gs://b/o.jpg"}\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    creds = tmp_path / "creds.json"
+    creds.write_text("this is not a credentials file")
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[worker\n")
+    ok_sink = f"jsonl:{tmp_path / 'out.jsonl'}"
+    return [
+        (["--source", "file:/does/not/exist.jsonl"], {}, "worker.source", "/does/not/exist.jsonl"),
+        (["--source", f"file:{tmp_path}"], {}, "worker.source", "is a directory"),
+        (
+            ["--source", f"file:{jobs}", "--sink", f"jsonl:{blocker}/r.jsonl"],
+            {},
+            "worker.sink",
+            "a-file",
+        ),
+        (
+            ["--source", f"file:{jobs}", "--sink", ok_sink, "--dead-letter", f"jsonl:{blocker}/d"],
+            {},
+            "worker.dead_letter",
+            "a-file",
+        ),
+        (
+            ["--source", f"file:{jobs}", "--sink", ok_sink, "--auth", "google"],
+            {"GOOGLE_APPLICATION_CREDENTIALS": str(creds)},
+            "model.auth",
+            "creds.json",
+        ),
+        (["--config", str(bad_toml)], {}, "--config", "bad.toml"),
+    ]
 
-    s = load_settings(cfg, env=env, overrides={"worker.concurrency": "30"})
 
-    assert s.worker.concurrency == 30  # flag > env > file
-    assert s.model.prompt == "env prompt"  # env > default
-    assert s.model.model == "file-model"  # file > default
-    assert s.worker.sink == "jsonl:a.jsonl"
-    assert s.retry.max_attempts == 8  # default
-    assert load_settings(cfg, env=env).worker.concurrency == 20
-
-
-def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text("[worker]\nconcurency = 10\n")
-    with pytest.raises(ConfigError, match=r"worker\.concurency: unknown key"):
-        load_settings(cfg, env={})
-
-
-def test_default_toml_documents_every_key() -> None:
-    import dataclasses
-    import tomllib
-
-    from worker.settings import Settings
-
-    documented = tomllib.loads((REPO / "config" / "default.toml").read_text())
-    defaults = Settings()
-    for section in dataclasses.fields(defaults):
-        body = getattr(defaults, section.name)
-        for f in dataclasses.fields(body):
-            assert documented[section.name][f.name] == getattr(body, f.name), (
-                f"{section.name}.{f.name}"
-            )
-    for name in ("local", "vertex", "pubsub", "default"):
-        load_settings(REPO / "config" / f"{name}.toml", env={})
+@pytest.mark.parametrize("case", range(6))
+async def test_start_up_failures_are_one_line_naming_what_to_fix(case: int, tmp_path: Path) -> None:
+    args, env, key, names = _start_up_errors(tmp_path)[case]
+    if "--auth" not in args:
+        args = [*args, "--auth", "none"]
+    proc = await _worker("run", "--base-url", "http://127.0.0.1:9/v1", *args, env=_env() | env)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(err) == 1, err  # never a traceback
+    assert err[0].startswith(f"worker: config error: {key}: ")
+    assert names in err[0]
 
 
 async def test_make_run_configuration_describes_every_bundled_job(tmp_path: Path) -> None:

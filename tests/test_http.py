@@ -133,7 +133,7 @@ async def _probe_stalled_source(
     seen: list[tuple[float, int, int]] = []
     pipelines: list[Pipeline] = []
     async with serve_http(telemetry, "127.0.0.1", 0) as server, runtime(settings) as rt:
-        telemetry.set_tokens(rt.tokens, auth_required=False)
+        telemetry.set_tokens(rt.tokens)
         async with anyio.create_task_group() as tg:
             tg.start_soon(
                 lambda: run_pipeline(

@@ -384,7 +384,7 @@ async def run_worker(settings: Settings, *, telemetry: Telemetry | None = None) 
             await stack.enter_async_context(serve_http(telemetry, h.host, h.port))
         rt = await stack.enter_async_context(runtime(settings))
         await stack.enter_async_context(pubsub_session(pubsub, rt))
-        telemetry.set_tokens(rt.tokens, auth_required=not isinstance(rt.tokens, NoTokens))
+        telemetry.set_tokens(rt.tokens)
         stats = await run_pipeline(
             rt,
             source,
@@ -432,7 +432,7 @@ async def serve_push(
         add_routes=lambda app: add_routes(app, telemetry),
     )
     async with runtime(settings) as rt, pubsub_session(pubsub, rt):
-        telemetry.set_tokens(rt.tokens, auth_required=not isinstance(rt.tokens, NoTokens))
+        telemetry.set_tokens(rt.tokens)
         stats = await run_pipeline(
             rt,
             source,

@@ -273,8 +273,10 @@ def _credentials_problem(exc: BaseException) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    # google-auth puts the readable part first in args (the rest is the cause's repr).
+    first = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    lines = first.strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def make_token_provider(auth: str, api_key_env: str) -> TokenProvider:

@@ -137,7 +137,6 @@ class Telemetry:
         self.pipeline: Pipeline | None = None
         self.source: Source | None = None
         self.tokens: TokenProvider | None = None
-        self.auth_required = False
         self._source_answered = False
         self._last_progress = self.started_at
         # Loop watchdog.
@@ -162,10 +161,9 @@ class Telemetry:
         self.pipeline = pipeline
         self.source = source
 
-    def set_tokens(self, tokens: TokenProvider, *, auth_required: bool) -> None:
+    def set_tokens(self, tokens: TokenProvider) -> None:
         """The runtime holds its first token (``start()`` returned)."""
         self.tokens = tokens
-        self.auth_required = auth_required
 
     def sink_observer(self, name: str) -> Callable[[int, float], None]:
         """An ``on_write`` callback for :class:`~worker.sinks.batch.BatchWriter`."""
@@ -264,7 +262,7 @@ class Telemetry:
         if self.phase != "running":
             detail["reason"] = self.phase
             return False, detail
-        if self.auth_required and not self._token_held():
+        if self.tokens is not None and not self._token_held():
             detail["reason"] = "no usable token"
             return False, detail
         answered = self._source_answered or (

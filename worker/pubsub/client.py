@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -44,6 +44,8 @@ __all__ = [
 
 log = logging.getLogger("worker.pubsub")
 
+T = TypeVar("T")
+
 PUBSUB_URL = "https://pubsub.googleapis.com/v1"
 MAX_ACK_IDS_PER_REQUEST = 1000
 # The service refuses ack/modack bodies over 512 KiB; stay well below it.
@@ -53,24 +55,34 @@ MAX_PUBLISH_MESSAGES = 1000
 MAX_PUBLISH_REQUEST_BYTES = 9_500_000
 
 
+def _chunks(
+    items: Sequence[T], cost: Callable[[T], int], *, max_items: int, max_bytes: int, overhead: int
+) -> Iterator[list[T]]:
+    """Split ``items`` into request-sized lists, bounded by count and by JSON size."""
+    chunk: list[T] = []
+    size = overhead
+    for item in items:
+        n = cost(item)
+        if chunk and (len(chunk) >= max_items or size + n > max_bytes):
+            yield chunk
+            chunk, size = [], overhead
+        chunk.append(item)
+        size += n
+    if chunk:
+        yield chunk
+
+
 def chunk_ack_ids(
     ack_ids: Sequence[str],
     *,
     max_ids: int = MAX_ACK_IDS_PER_REQUEST,
     max_bytes: int = MAX_ACK_REQUEST_BYTES,
 ) -> Iterator[list[str]]:
-    """Split ackIds into request-sized lists (count and JSON size both bounded)."""
-    chunk: list[str] = []
-    size = 64  # {"ackIds": [...], "ackDeadlineSeconds": 600}
-    for ack_id in ack_ids:
-        cost = len(ack_id.encode()) + 4  # quotes, comma, space
-        if chunk and (len(chunk) >= max_ids or size + cost > max_bytes):
-            yield chunk
-            chunk, size = [], 64
-        chunk.append(ack_id)
-        size += cost
-    if chunk:
-        yield chunk
+    """Split ackIds into acknowledge/modifyAckDeadline request-sized lists."""
+    # {"ackIds": [...], "ackDeadlineSeconds": 600} around ids that cost quotes and a comma.
+    return _chunks(
+        ack_ids, lambda a: len(a.encode()) + 4, max_items=max_ids, max_bytes=max_bytes, overhead=64
+    )
 
 
 def _message_cost(message: Mapping[str, Any]) -> int:
@@ -87,8 +99,6 @@ def chunk_messages(
     max_bytes: int = MAX_PUBLISH_REQUEST_BYTES,
 ) -> Iterator[list[Mapping[str, Any]]]:
     """Split publish messages (data already base64) into request-sized lists."""
-    chunk: list[Mapping[str, Any]] = []
-    size = 32
     for message in messages:
         cost = _message_cost(message)
         if cost + 32 > max_bytes:
@@ -98,13 +108,9 @@ def chunk_messages(
                 f"a message of ~{cost} bytes is too large",
                 kind="permanent",
             )
-        if chunk and (len(chunk) >= max_messages or size + cost > max_bytes):
-            yield chunk
-            chunk, size = [], 32
-        chunk.append(message)
-        size += cost
-    if chunk:
-        yield chunk
+    return _chunks(
+        messages, _message_cost, max_items=max_messages, max_bytes=max_bytes, overhead=32
+    )
 
 
 class PubSubClient:

@@ -56,6 +56,12 @@ class JsonlSink(SinkBase):
             return
         try:
             self._handle = await anyio.to_thread.run_sync(self._open)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ConfigError(
+                self._key,
+                f"cannot write {self.path}: {exc.filename} is a file, not a directory; "
+                "choose a writable path for jsonl:PATH",
+            ) from None
         except OSError as exc:
             where = exc.filename or self.path
             raise ConfigError(
