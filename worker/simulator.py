@@ -457,6 +457,69 @@ def _url_host(host: str) -> str:
     return host
 
 
+class _Bucket:
+    """A token bucket's state; the rate and size are passed in, so config edits apply at once."""
+
+    __slots__ = ("tokens", "ts")
+
+    def __init__(self) -> None:
+        self.tokens: float | None = None  # None: full (or ``initial``) on next use
+        self.ts = 0.0
+
+    def level(self, rate: float, burst: float, now: float) -> float:
+        """The tokens in the bucket at ``now`` (``time.monotonic()``), refilled since last use."""
+        if self.tokens is None:
+            return burst
+        return min(burst, self.tokens + (now - self.ts) * rate)
+
+    def take(self, rate: float, burst: float) -> bool:
+        now = time.monotonic()
+        tokens = self.level(rate, burst, now)
+        self.ts = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        return False
+
+
+class _Region:
+    """One listening port with its own buckets and counters (the main port is one too)."""
+
+    def __init__(self) -> None:
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.bucket = _Bucket()
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters (requests still in flight stay counted in ``in_flight``)."""
+        in_flight = getattr(self, "in_flight", 0)
+        self.requests = 0
+        self.by_status: Counter[int] = Counter()
+        self.in_flight = in_flight
+        self.in_flight_max = in_flight
+        self.unique_images: set[bytes] = set()
+        self.expired_401 = 0
+        self.missing_401 = 0
+        self.invalid_401 = 0
+
+    def snapshot(self) -> SimStats:
+        return SimStats(
+            requests=self.requests,
+            by_status=dict(self.by_status),
+            in_flight=self.in_flight,
+            in_flight_max=self.in_flight_max,
+            unique_images=len(self.unique_images),
+            expired_token_401=self.expired_401,
+            missing_token_401=self.missing_401,
+            invalid_token_401=self.invalid_401,
+        )
+
+
+_REGION_KEY: Final = web.AppKey("region", _Region)
+
+
 class Simulator:
     """An aiohttp server imitating Vertex AI's OpenAI-compatible chat completions API."""
 
@@ -464,30 +527,18 @@ class Simulator:
         self.config: SimConfig = config if config is not None else SimConfig()
         self.requests: deque[RecordedRequest] = deque(maxlen=self.config.record_requests)
         self._rng = random.Random(self.config.seed)
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
         self._host = "127.0.0.1"
         self._tokens: dict[str, float] = {}
         self._image_cache: dict[bytes, tuple[bool, str]] = {}
         self._completion_id = 0
         self._error_flip = 0
-        # token bucket (None -> full on next use)
-        self._bucket: float | None = None
-        self._bucket_ts = 0.0
-        # counters
-        self._requests = 0
-        self._by_status: Counter[int] = Counter()
-        self._in_flight = 0
-        self._in_flight_max = 0
-        self._unique_images: set[bytes] = set()
-        self._expired_401 = 0
-        self._missing_401 = 0
-        self._invalid_401 = 0
+        self._main = _Region()
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _make_app(self) -> web.Application:
+    def _make_app(self, region: _Region) -> web.Application:
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app[_REGION_KEY] = region
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_post(
             "/v1/projects/{project}/locations/{location}/endpoints/openapi/chat/completions",
@@ -500,10 +551,11 @@ class Simulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Bind and start serving; ``port=0`` picks a free port (see :attr:`port`)."""
-        if self._runner is not None:
+        main = self._main
+        if main.runner is not None:
             raise RuntimeError("Simulator is already started")
         runner = web.AppRunner(
-            self._make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+            self._make_app(main), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await runner.setup()
         try:
@@ -513,13 +565,13 @@ class Simulator:
             await runner.cleanup()
             raise
         addresses = runner.addresses
-        self._port = int(addresses[0][1]) if addresses else port
+        main.port = int(addresses[0][1]) if addresses else port
         self._host = _url_host(host)
-        self._runner = runner
+        main.runner = runner
 
     async def stop(self) -> None:
         """Stop serving (idempotent)."""
-        runner, self._runner = self._runner, None
+        runner, self._main.runner = self._main.runner, None
         if runner is not None:
             await runner.cleanup()
 
@@ -532,9 +584,9 @@ class Simulator:
 
     @property
     def port(self) -> int:
-        if self._port is None:
+        if self._main.port is None:
             raise RuntimeError("Simulator is not started")
-        return self._port
+        return self._main.port
 
     @property
     def root_url(self) -> str:
@@ -563,63 +615,40 @@ class Simulator:
         self._tokens.pop(token, None)
 
     def stats(self) -> SimStats:
-        return SimStats(
-            requests=self._requests,
-            by_status=dict(self._by_status),
-            in_flight=self._in_flight,
-            in_flight_max=self._in_flight_max,
-            unique_images=len(self._unique_images),
-            expired_token_401=self._expired_401,
-            missing_token_401=self._missing_401,
-            invalid_token_401=self._invalid_401,
-        )
+        return self._main.snapshot()
 
     def reset_stats(self) -> None:
         """Zero the counters (requests still in flight stay counted in ``in_flight``)."""
-        self._requests = 0
-        self._by_status = Counter()
-        self._in_flight_max = self._in_flight
-        self._unique_images = set()
-        self._expired_401 = self._missing_401 = self._invalid_401 = 0
+        self._main.reset()
 
     # ---------------------------------------------------------------- helpers
 
-    def _check_auth(self, request: web.Request, cfg: SimConfig) -> bool:
+    def _check_auth(self, request: web.Request, cfg: SimConfig, region: _Region) -> bool:
         """True when authorised; counts the reason otherwise."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            self._missing_401 += 1
+            region.missing_401 += 1
             return False
         if cfg.static_token is not None and token == cfg.static_token:
             return True
         expires_at = self._tokens.get(token)
         if expires_at is None:
-            self._invalid_401 += 1
+            region.invalid_401 += 1
             return False
         if time.time() >= expires_at:
-            self._expired_401 += 1
+            region.expired_401 += 1
             return False
         return True
 
-    def _take_rate_token(self, cfg: SimConfig) -> bool:
+    def _take_rate_token(self, cfg: SimConfig, region: _Region) -> bool:
         rate = cfg.rate_limit_rps
         if rate is None:
-            self._bucket = None
+            region.bucket.tokens = None  # full again when a limit is set later
             return True
         burst = cfg.rate_burst if cfg.rate_burst is not None else max(1.0, rate)
-        now = time.monotonic()
-        if self._bucket is None:
-            tokens = burst
-        else:
-            tokens = min(burst, self._bucket + (now - self._bucket_ts) * rate)
-        self._bucket_ts = now
-        if tokens >= 1.0:
-            self._bucket = tokens - 1.0
-            return True
-        self._bucket = tokens
-        return False
+        return region.bucket.take(rate, burst)
 
     def _latency_s(self, cfg: SimConfig) -> float:
         mean_ms = cfg.latency_ms
@@ -679,13 +708,14 @@ class Simulator:
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
-        self._requests += 1
-        self._in_flight += 1
-        if self._in_flight > self._in_flight_max:
-            self._in_flight_max = self._in_flight
+        region = request.app[_REGION_KEY]
+        region.requests += 1
+        region.in_flight += 1
+        if region.in_flight > region.in_flight_max:
+            region.in_flight_max = region.in_flight
         status = 500
         try:
-            response = await self._answer_chat(request, cfg)
+            response = await self._answer_chat(request, cfg, region)
             if response is None:
                 status = 0
                 # The transport is already aborted: aiohttp's attempt to write this is
@@ -697,12 +727,14 @@ class Simulator:
             status = 499  # server shut down mid-request
             raise
         finally:
-            self._in_flight -= 1
-            self._by_status[status] += 1
+            region.in_flight -= 1
+            region.by_status[status] += 1
 
-    async def _answer_chat(self, request: web.Request, cfg: SimConfig) -> web.Response | None:
+    async def _answer_chat(
+        self, request: web.Request, cfg: SimConfig, region: _Region
+    ) -> web.Response | None:
         # 2. authentication
-        authorized = True if not cfg.require_token else self._check_auth(request, cfg)
+        authorized = True if not cfg.require_token else self._check_auth(request, cfg, region)
         body: Any = None
         body_read = False
         if cfg.record_requests > 0:
@@ -717,8 +749,8 @@ class Simulator:
             return None
 
         # 4. concurrency and rate limits, answered at once
-        if (cfg.max_concurrency is not None and self._in_flight > cfg.max_concurrency) or (
-            not self._take_rate_token(cfg)
+        if (cfg.max_concurrency is not None and region.in_flight > cfg.max_concurrency) or (
+            not self._take_rate_token(cfg, region)
         ):
             return _json_response(429, _BODY_429, self._retry_headers(cfg))
 
@@ -753,7 +785,7 @@ class Simulator:
         await self._sleep(cfg)
 
         # 8. the completion
-        self._unique_images.update(keys)
+        region.unique_images.update(keys)
         answer = " ".join(descriptions)
         words = answer.split()
         finish_reason = "stop"
