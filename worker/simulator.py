@@ -114,7 +114,16 @@ class SimConfig:
     latency_sigma: float = 0.5
     rate_limit_rps: float | None = None
     rate_burst: float | None = None
+    #: Tokens in the bucket when it is first used (None: full), e.g. to start a minute-deep
+    #: bucket nearly empty.
+    rate_initial: float | None = None
     retry_after_s: float | None = None
+    #: A 429 from a token bucket says exactly when the next token is due (``retry-after-ms``)
+    #: instead of the fixed ``retry_after_s``.
+    retry_after_exact: bool = False
+    #: Every chat answer carries OpenAI's ``x-ratelimit-*-requests`` headers (needs
+    #: ``rate_limit_rps``).
+    ratelimit_headers: bool = False
     max_concurrency: int | None = None
     error_rate: float = 0.0
     reset_rate: float = 0.0
@@ -148,8 +157,13 @@ class SimConfig:
             or self.rate_burst < 1
         ):
             raise ValueError(f"SimConfig.rate_burst must be a number >= 1, got {self.rate_burst!r}")
+        if self.rate_initial is not None:
+            finite_non_negative("rate_initial", self.rate_initial)
         if self.retry_after_s is not None:
             finite_non_negative("retry_after_s", self.retry_after_s)
+        for name in ("retry_after_exact", "ratelimit_headers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SimConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.max_concurrency is not None and (
             not isinstance(self.max_concurrency, int)
             or isinstance(self.max_concurrency, bool)
@@ -449,6 +463,28 @@ def _parse_body(body: Any) -> _ParsedRequest:
 # --------------------------------------------------------------------------- the server
 
 
+def _go_duration(seconds: float) -> str:
+    """A duration as OpenAI's ``x-ratelimit-reset-*`` headers show it (Go's format, to the ms).
+
+    ``20ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3.5s``; rounded up, so a client that waits
+    this long finds the bucket full.
+    """
+    ms = max(0, math.ceil(seconds * 1000.0 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, frac = divmod(rest, 1000)
+    text = f"{secs}.{frac:03d}".rstrip("0") if frac else str(secs)
+    if hours:
+        return f"{hours}h{minutes}m{text}s"
+    if minutes:
+        return f"{minutes}m{text}s"
+    return f"{text}s"
+
+
 def _url_host(host: str) -> str:
     if host in ("", "0.0.0.0", "::"):  # wildcard binds are reached via loopback
         return "127.0.0.1"
@@ -466,15 +502,15 @@ class _Bucket:
         self.tokens: float | None = None  # None: full (or ``initial``) on next use
         self.ts = 0.0
 
-    def level(self, rate: float, burst: float, now: float) -> float:
+    def level(self, rate: float, burst: float, initial: float | None, now: float) -> float:
         """The tokens in the bucket at ``now`` (``time.monotonic()``), refilled since last use."""
         if self.tokens is None:
-            return burst
+            return burst if initial is None else min(burst, initial)
         return min(burst, self.tokens + (now - self.ts) * rate)
 
-    def take(self, rate: float, burst: float) -> bool:
+    def take(self, rate: float, burst: float, initial: float | None = None) -> bool:
         now = time.monotonic()
-        tokens = self.level(rate, burst, now)
+        tokens = self.level(rate, burst, initial, now)
         self.ts = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0
@@ -642,13 +678,46 @@ class Simulator:
             return False
         return True
 
-    def _take_rate_token(self, cfg: SimConfig, region: _Region) -> bool:
+    @staticmethod
+    def _std_limit(cfg: SimConfig, region: _Region) -> tuple[float, float] | None:
+        """(rate, burst) of the port's standard bucket, or None when unlimited."""
         rate = cfg.rate_limit_rps
         if rate is None:
-            region.bucket.tokens = None  # full again when a limit is set later
+            return None
+        return rate, cfg.rate_burst if cfg.rate_burst is not None else max(1.0, rate)
+
+    def _take_rate_token(self, cfg: SimConfig, region: _Region) -> bool:
+        limit = self._std_limit(cfg, region)
+        if limit is None:
+            region.bucket.tokens = None  # full (or rate_initial) again when a limit is set later
             return True
-        burst = cfg.rate_burst if cfg.rate_burst is not None else max(1.0, rate)
-        return region.bucket.take(rate, burst)
+        return region.bucket.take(limit[0], limit[1], cfg.rate_initial)
+
+    def _ratelimit_headers(
+        self, response: web.StreamResponse, cfg: SimConfig, region: _Region
+    ) -> None:
+        """OpenAI's request-count headers, describing the port's standard bucket right now."""
+        limit = self._std_limit(cfg, region)
+        if limit is None:
+            return
+        rate, burst = limit
+        level = region.bucket.level(rate, burst, cfg.rate_initial, time.monotonic())
+        headers = response.headers
+        headers["x-ratelimit-limit-requests"] = str(round(rate * 60))
+        # The epsilon keeps a bucket refilled to exactly n tokens from showing n - 1.
+        headers["x-ratelimit-remaining-requests"] = str(math.floor(level + 1e-9))
+        if rate > 0:
+            headers["x-ratelimit-reset-requests"] = _go_duration((burst - level) / rate)
+
+    def _limited(self, cfg: SimConfig, bucket: _Bucket, rate: float, burst: float) -> web.Response:
+        """A 429 for an empty bucket."""
+        headers = self._retry_headers(cfg)
+        if cfg.retry_after_exact and rate > 0:
+            level = bucket.level(rate, burst, None, time.monotonic())
+            # Rounded up: a client that waits this long finds a token.
+            ms = max(1, math.ceil((1.0 - level) / rate * 1000.0))
+            headers = {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
+        return _json_response(429, _BODY_429, headers)
 
     def _latency_s(self, cfg: SimConfig) -> float:
         mean_ms = cfg.latency_ms
@@ -722,6 +791,8 @@ class Simulator:
                 # treated as a client disconnect and dropped quietly.
                 return web.Response(status=204)
             status = response.status
+            if cfg.ratelimit_headers:
+                self._ratelimit_headers(response, cfg, region)
             return response
         except asyncio.CancelledError:
             status = 499  # server shut down mid-request
@@ -749,10 +820,11 @@ class Simulator:
             return None
 
         # 4. concurrency and rate limits, answered at once
-        if (cfg.max_concurrency is not None and region.in_flight > cfg.max_concurrency) or (
-            not self._take_rate_token(cfg, region)
-        ):
+        if cfg.max_concurrency is not None and region.in_flight > cfg.max_concurrency:
             return _json_response(429, _BODY_429, self._retry_headers(cfg))
+        if not self._take_rate_token(cfg, region):
+            rate, burst = self._std_limit(cfg, region) or (0.0, 1.0)
+            return self._limited(cfg, region.bucket, rate, burst)
 
         # 5. injected server errors (after the latency)
         if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
@@ -882,11 +954,32 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
         help="token-bucket size (default max(1, rate))",
     )
     group.add_argument(
+        "--rate-initial",
+        dest="sim_rate_initial",
+        type=float,
+        default=None,
+        help="tokens in the bucket at start (default: full)",
+    )
+    group.add_argument(
+        "--ratelimit-headers",
+        dest="sim_ratelimit_headers",
+        action="store_true",
+        default=None,
+        help="send OpenAI's x-ratelimit-{limit,remaining,reset}-requests headers on every answer",
+    )
+    group.add_argument(
         "--retry-after-s",
         dest="sim_retry_after_s",
         type=float,
         default=None,
         help="send Retry-After and retry-after-ms headers with 429 answers",
+    )
+    group.add_argument(
+        "--retry-after-exact",
+        dest="sim_retry_after_exact",
+        action="store_true",
+        default=None,
+        help="a 429 from the token bucket says when the next token is due (retry-after-ms)",
     )
     group.add_argument(
         "--max-concurrency",
@@ -939,7 +1032,10 @@ def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
         latency_sigma=arg("latency_sigma", 0.5),
         rate_limit_rps=getattr(ns, "sim_rate_limit_rps", None),
         rate_burst=getattr(ns, "sim_rate_burst", None),
+        rate_initial=getattr(ns, "sim_rate_initial", None),
         retry_after_s=getattr(ns, "sim_retry_after_s", None),
+        retry_after_exact=bool(arg("retry_after_exact", False)),
+        ratelimit_headers=bool(arg("ratelimit_headers", False)),
         max_concurrency=getattr(ns, "sim_max_concurrency", None),
         error_rate=arg("error_rate", 0.0),
         reset_rate=arg("reset_rate", 0.0),
