@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
-from worker.simulator import SimConfig, Simulator, _go_duration
+from worker.simulator import (
+    RegionConfig,
+    SimConfig,
+    SimStats,
+    Simulator,
+    _go_duration,
+    add_simulator_arguments,
+    serve_simulator,
+    sim_config_from_args,
+)
 
-from .test_simulator import BODY_429, body, post
+from .test_simulator import BODY_429, body, create, post
 
 
 @pytest.fixture
@@ -155,3 +169,295 @@ async def test_rate_initial_zero_and_refill(http: aiohttp.ClientSession) -> None
         # the bucket refills from the time of that 429, so waiting as told finds a token
         await asyncio.sleep(int(headers["retry-after-ms"]) / 1000.0)
         assert (await post(http, chat_url(sim), body()))[0] == 200
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def three_regions(**overrides: Any) -> SimConfig:
+    return SimConfig(
+        regions=(
+            RegionConfig("us-central1"),
+            RegionConfig("europe-west4", rate_limit_rps=1.0, latency_ms=None),
+            RegionConfig("asia-east1", latency_ms=150.0),
+        ),
+        **overrides,
+    )
+
+
+async def wait_for(condition: Callable[[], bool], what: str, within_s: float = 3.0) -> None:
+    """Poll a condition the test cannot await directly (bounded: fails, never hangs)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_regions_listen_on_their_own_ports(http: aiohttp.ClientSession) -> None:
+    async with Simulator(three_regions(record_requests=8)) as sim:
+        assert sim.region_names == ("us-central1", "europe-west4", "asia-east1")
+        ports = {sim.region_port(name) for name in sim.region_names}
+        assert len(ports | {sim.port}) == 4
+        base = sim.region_base_url("europe-west4", "my-proj")
+        port = sim.region_port("europe-west4")
+        assert base == (
+            f"http://127.0.0.1:{port}/v1/projects/my-proj/locations/europe-west4/endpoints/openapi"
+        )
+        assert sim.region_base_url("us-central1").startswith(
+            f"http://127.0.0.1:{sim.region_port('us-central1')}/v1/projects/sim-project/"
+        )
+        # the real SDK against a region's base URL
+        client = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0, timeout=5.0)
+        try:
+            completion = await create(client)
+        finally:
+            await client.close()
+        assert completion.choices[0].message.content == "A 64x48 PNG image, mostly red (#d02020)."
+        assert sim.requests[-1].path == (
+            "/v1/projects/my-proj/locations/europe-west4/endpoints/openapi/chat/completions"
+        )
+        # the plain OpenAI path works on a region's port too
+        us = sim.region_port("us-central1")
+        assert (await post(http, f"http://127.0.0.1:{us}/v1/chat/completions", body()))[0] == 200
+        # each port counts its own requests; the main port saw none
+        assert sim.region_stats("europe-west4").by_status == {200: 1}
+        assert sim.region_stats("us-central1").by_status == {200: 1}
+        assert sim.region_stats("asia-east1").requests == 0
+        stats = sim.stats()
+        assert stats.requests == 0
+        assert set(stats.regions) == set(sim.region_names)
+        assert stats.regions["europe-west4"] == sim.region_stats("europe-west4")
+        assert stats.regions["europe-west4"].unique_images == 1
+        # GET /stats on the main port has a "regions" object, and round-trips
+        async with http.get(f"{sim.root_url}/stats") as resp:
+            data = await resp.json()
+        assert data["regions"]["us-central1"]["by_status"] == {"200": 1}
+        assert SimStats.from_json(data) == stats
+        assert SimStats.from_json(json.loads(json.dumps(stats.to_json()))) == stats
+        # regions have no /stats of their own, but answer /healthz
+        async with http.get(f"http://127.0.0.1:{us}/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(f"http://127.0.0.1:{us}/stats") as resp:
+            assert resp.status == 404
+        sim.reset_stats()
+        assert sim.region_stats("us-central1").requests == 0
+    with pytest.raises(RuntimeError):
+        sim.region_base_url("us-central1")
+    with pytest.raises(KeyError, match="no region named 'mars-north1'"):
+        sim.region_stats("mars-north1")
+
+
+async def test_regions_have_their_own_bucket_and_latency(http: aiohttp.ClientSession) -> None:
+    async with Simulator(three_regions(ratelimit_headers=True)) as sim:
+        eu = f"{sim.region_base_url('europe-west4')}/chat/completions"
+        us = f"{sim.region_base_url('us-central1')}/chat/completions"
+        first = await post(http, eu, body())
+        assert first[0] == 200
+        assert first[2]["x-ratelimit-limit-requests"] == "60"  # the region's 1 rps
+        assert first[2]["x-ratelimit-remaining-requests"] == "0"
+        second = await post(http, eu, body())
+        assert second[0] == 429
+        assert second[1] == BODY_429
+        # other ports are unlimited: no bucket, no headers
+        for url in (us, f"{sim.base_url}/chat/completions"):
+            status, _, headers = await post(http, url, body())
+            assert status == 200
+            assert "x-ratelimit-limit-requests" not in headers
+        assert sim.region_stats("europe-west4").by_status == {200: 1, 429: 1}
+        assert sim.stats().by_status == {200: 1}
+        # the main port's bucket is not a region's
+        sim.config.rate_limit_rps = 1.0
+        assert (await post(http, f"{sim.base_url}/chat/completions", body()))[0] == 200
+        assert (await post(http, us, body()))[0] == 200
+        # asia-east1 has 150 ms of its own; the others follow the main config, also when
+        # it changes at runtime
+        start = time.perf_counter()
+        assert (await post(http, f"{sim.region_base_url('asia-east1')}/chat/completions", body()))[
+            0
+        ] == 200
+        assert time.perf_counter() - start >= 0.149
+        sim.config.latency_ms = 120.0
+        start = time.perf_counter()
+        assert (await post(http, us, body()))[0] == 200
+        assert time.perf_counter() - start >= 0.119
+
+
+async def test_stop_region_refuses_and_resets_then_start_region_reuses_port(
+    http: aiohttp.ClientSession,
+) -> None:
+    config = SimConfig(regions=(RegionConfig("europe-west4", latency_ms=5000.0),))
+    async with Simulator(config) as sim:
+        port = sim.region_port("europe-west4")
+        url = f"{sim.region_base_url('europe-west4')}/chat/completions"
+        # a request in flight (it would take 5 s) on a region that dies under it
+        start = time.perf_counter()
+        task = asyncio.create_task(post(http, url, body()))
+        await wait_for(lambda: sim.region_stats("europe-west4").in_flight == 1, "in flight")
+        # an idle keep-alive connection, opened before the region dies
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wait_for(
+            lambda: len(sim._regions["europe-west4"].runner.server.connections) == 2,
+            "the server to accept the second connection",
+        )
+        await sim.stop_region("europe-west4")
+        assert not sim.region_up("europe-west4")
+        with pytest.raises(aiohttp.ClientError):
+            await task
+        assert time.perf_counter() - start < 2.0
+        # the idle connection was reset (RST), not closed politely
+        with pytest.raises(ConnectionResetError):
+            await reader.read(1)
+        writer.close()
+        # new connections are refused, through the SDK too
+        assert await refused(port)
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await post(http, url, body())
+        client = openai.AsyncOpenAI(
+            base_url=sim.region_base_url("europe-west4"), api_key="k", max_retries=0, timeout=5.0
+        )
+        try:
+            with pytest.raises(openai.APIConnectionError):
+                await create(client)
+        finally:
+            await client.close()
+        await wait_for(lambda: sim.region_stats("europe-west4").in_flight == 0, "cancelled")
+        assert sim.region_stats("europe-west4").by_status == {499: 1}
+        await sim.stop_region("europe-west4")  # idempotent
+        # the main port is not affected
+        assert (await post(http, f"{sim.base_url}/chat/completions", body()))[0] == 200
+        # back up, on the same port
+        await sim.start_region("europe-west4")
+        await sim.start_region("europe-west4")  # idempotent
+        assert sim.region_up("europe-west4")
+        assert sim.region_port("europe-west4") == port
+        sim.config.regions[0].latency_ms = 0.0  # re-read by every request
+        status, data, _ = await post(http, url, body())
+        assert status == 200
+        assert data["choices"][0]["finish_reason"] == "stop"
+        assert sim.region_stats("europe-west4").by_status == {499: 1, 200: 1}
+    assert await refused(port)  # stop() closes regions too
+
+
+async def test_region_control_routes(http: aiohttp.ClientSession) -> None:
+    async with Simulator(three_regions()) as sim:
+        port = sim.region_port("us-central1")
+        async with http.post(f"{sim.root_url}/control/regions/us-central1/down") as resp:
+            assert resp.status == 200
+            state = await resp.json()
+        assert state == {
+            "region": "us-central1",
+            "up": False,
+            "base_url": sim.region_base_url("us-central1"),
+        }
+        assert await refused(port)
+        assert not await refused(sim.region_port("europe-west4"))  # the others stay up
+        async with http.post(f"{sim.root_url}/control/regions/us-central1/up") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["up"] is True
+        url = f"{sim.region_base_url('us-central1')}/chat/completions"
+        assert (await post(http, url, body()))[0] == 200
+        async with http.post(f"{sim.root_url}/control/regions/mars-north1/down") as resp:
+            assert resp.status == 404
+            error = (await resp.json())[0]["error"]
+            assert error["status"] == "NOT_FOUND"
+            assert "mars-north1" in error["message"]
+        async with http.post(f"{sim.root_url}/control/regions/us-central1/sideways") as resp:
+            assert resp.status == 404
+        # only the main port takes control requests
+        async with http.post(f"http://127.0.0.1:{port}/control/regions/us-central1/down") as resp:
+            assert resp.status == 404
+        assert sim.region_up("us-central1")
+
+
+async def test_region_resets_and_errors_follow_the_main_config(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(three_regions()) as sim:
+        url = f"{sim.region_base_url('us-central1')}/chat/completions"
+        sim.config.reset_rate = 1.0
+        with pytest.raises(aiohttp.ClientError):
+            await post(http, url, body())
+        sim.config.reset_rate = 0.0
+        sim.config.error_rate = 1.0
+        assert (await post(http, url, body()))[0] in (500, 503)
+        sim.config.error_rate = 0.0
+        sim.config.require_token = True
+        sim.config.static_token = "tok"
+        assert (await post(http, url, body()))[0] == 401
+        headers = {"Authorization": "Bearer tok"}
+        assert (await post(http, url, body(), headers=headers))[0] == 200
+        stats = sim.region_stats("us-central1")
+        assert stats.requests == 4
+        assert (stats.by_status[0], stats.by_status[200], stats.by_status[401]) == (1, 1, 1)
+        assert stats.by_status.get(500, 0) + stats.by_status.get(503, 0) == 1
+        assert stats.missing_token_401 == 1
+        assert sim.stats().requests == 0
+
+
+def test_region_config_validation() -> None:
+    for kwargs in (
+        {"name": "Europe West"},
+        {"name": ""},
+        {"name": "eu", "rate_limit_rps": 0.0},
+        {"name": "eu", "rate_limit_rps": -1.0},
+        {"name": "eu", "latency_ms": float("nan")},
+        {"name": "eu", "rate_burst": 0.5},
+        {"name": "eu", "port": 70000},
+    ):
+        with pytest.raises(ValueError, match="RegionConfig"):
+            RegionConfig(**kwargs)
+    with pytest.raises(ValueError, match="duplicate"):
+        SimConfig(regions=(RegionConfig("eu"), RegionConfig("eu")))
+    with pytest.raises(ValueError, match="RegionConfig"):
+        SimConfig(regions=("eu",))  # type: ignore[arg-type]
+    assert SimConfig(regions=[RegionConfig("eu")]).regions == (RegionConfig("eu"),)  # type: ignore[arg-type]
+
+
+def test_regions_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_simulator_arguments(parser)
+    ns = parser.parse_args(["--regions", "us-central1:100, europe-west4:50:300,global:0"])
+    assert sim_config_from_args(ns).regions == (
+        RegionConfig("us-central1", rate_limit_rps=100.0),
+        RegionConfig("europe-west4", rate_limit_rps=50.0, latency_ms=300.0),
+        RegionConfig("global", rate_limit_rps=None),
+    )
+    assert sim_config_from_args(parser.parse_args([])).regions == ()
+    for spec in ("us-central1", "us-central1:fast", "us-central1:1:2:3", "Bad Name:1"):
+        with pytest.raises(ValueError, match=r"region|RegionConfig"):
+            sim_config_from_args(parser.parse_args(["--regions", spec]))
+
+
+async def test_serve_simulator_announces_regions(capsys: pytest.CaptureFixture[str]) -> None:
+    config = SimConfig(regions=(RegionConfig("us-central1"), RegionConfig("global")))
+    task = asyncio.create_task(serve_simulator(config, "127.0.0.1", 0))
+    err = ""
+    deadline = time.monotonic() + 3.0
+    while err.count("\n") < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        err += capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert re.fullmatch(r"simulator listening on http://127\.0\.0\.1:\d+/v1", lines[0])
+    for line, name in zip(lines[1:], ("us-central1", "global"), strict=True):
+        match = re.fullmatch(
+            rf"simulator region {name} listening on (http://127\.0\.0\.1:\d+/v1/projects/"
+            rf"sim-project/locations/{name}/endpoints/openapi)",
+            line,
+        )
+        assert match, line
+        async with aiohttp.ClientSession() as http:
+            status, _, _ = await post(http, f"{match.group(1)}/chat/completions", body())
+            assert status == 200
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import random
+import re
 import socket
 import struct
 import sys
@@ -38,6 +39,7 @@ from typing import Any, Final
 from aiohttp import web
 
 __all__ = [
+    "RegionConfig",
     "SimConfig",
     "SimStats",
     "Simulator",
@@ -105,6 +107,73 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+_REGION_NAME: Final = re.compile(r"[a-z][a-z0-9-]{0,62}")
+
+
+@dataclass
+class RegionConfig:
+    """One extra region of a :class:`Simulator`: its own port, token bucket and latency.
+
+    Re-read by every request, like :class:`SimConfig` (``name`` and ``port`` only at start).
+    """
+
+    name: str  # the Vertex location it stands for, e.g. "europe-west4" or "global"
+    rate_limit_rps: float | None = None  # None: unlimited
+    latency_ms: float | None = None  # None: the main config's
+    rate_burst: float | None = None  # None: max(1, rate)
+    port: int = 0  # 0: a free port, kept across stop_region/start_region
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _REGION_NAME.fullmatch(self.name):
+            raise ValueError(
+                "RegionConfig.name must be a location name such as 'europe-west4' "
+                f"(lower-case letters, digits and '-'), got {self.name!r}"
+            )
+        for name in ("rate_limit_rps", "latency_ms"):
+            value = getattr(self, name)
+            if value is not None and (
+                not _is_number(value) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(f"RegionConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.rate_limit_rps is not None and self.rate_limit_rps <= 0:
+            raise ValueError("RegionConfig.rate_limit_rps must be > 0 (None means unlimited)")
+        if self.rate_burst is not None and (
+            not _is_number(self.rate_burst)
+            or not math.isfinite(self.rate_burst)
+            or self.rate_burst < 1
+        ):
+            raise ValueError(
+                f"RegionConfig.rate_burst must be a number >= 1, got {self.rate_burst!r}"
+            )
+        if (
+            not isinstance(self.port, int)
+            or isinstance(self.port, bool)
+            or not 0 <= self.port <= 65535
+        ):
+            raise ValueError(f"RegionConfig.port must be within [0, 65535], got {self.port!r}")
+
+
+def _parse_regions(spec: str) -> tuple[RegionConfig, ...]:
+    """``us-central1:100,europe-west4:50:300``: NAME:RATE_RPS[:LATENCY_MS]; RATE 0 = unlimited."""
+    regions: list[RegionConfig] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        fields = item.split(":")
+        if len(fields) not in (2, 3):
+            raise ValueError(f"region {item!r} must look like NAME:RATE_RPS[:LATENCY_MS]")
+        try:
+            rate = float(fields[1])
+            latency = float(fields[2]) if len(fields) == 3 else None
+        except ValueError:
+            raise ValueError(f"region {item!r}: RATE_RPS and LATENCY_MS must be numbers") from None
+        regions.append(
+            RegionConfig(fields[0].strip(), rate_limit_rps=rate or None, latency_ms=latency)
+        )
+    return tuple(regions)
+
+
 @dataclass
 class SimConfig:
     """Behaviour of a :class:`Simulator`.  Mutable at runtime: every request re-reads it."""
@@ -131,6 +200,8 @@ class SimConfig:
     static_token: str | None = None
     seed: int | None = None
     record_requests: int = 0
+    #: Extra regions, each on its own port (fixed when the Simulator is created).
+    regions: tuple[RegionConfig, ...] = ()
 
     def __post_init__(self) -> None:
         def finite_non_negative(name: str, value: object) -> None:
@@ -192,6 +263,14 @@ class SimConfig:
             raise ValueError(
                 f"SimConfig.record_requests must be an integer >= 0, got {self.record_requests!r}"
             )
+        if not isinstance(self.regions, tuple | list) or not all(
+            isinstance(region, RegionConfig) for region in self.regions
+        ):
+            raise ValueError("SimConfig.regions must be a sequence of RegionConfig")
+        self.regions = tuple(self.regions)
+        names = [region.name for region in self.regions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"SimConfig.regions has duplicate names: {', '.join(names)}")
 
 
 @dataclass
@@ -206,6 +285,8 @@ class SimStats:
     expired_token_401: int = 0  # known token, but expired
     missing_token_401: int = 0  # no ``Authorization: Bearer <token>`` header
     invalid_token_401: int = 0  # a bearer token that was never accepted (or was revoked)
+    #: Each extra region's own counters (the fields above are the main port's).
+    regions: dict[str, SimStats] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict; ``by_status`` keys become strings (as they must in JSON)."""
@@ -218,6 +299,7 @@ class SimStats:
             "expired_token_401": self.expired_token_401,
             "missing_token_401": self.missing_token_401,
             "invalid_token_401": self.invalid_token_401,
+            "regions": {name: stats.to_json() for name, stats in sorted(self.regions.items())},
         }
 
     @classmethod
@@ -232,6 +314,10 @@ class SimStats:
             expired_token_401=int(data.get("expired_token_401", 0)),
             missing_token_401=int(data.get("missing_token_401", 0)),
             invalid_token_401=int(data.get("invalid_token_401", 0)),
+            regions={
+                str(name): cls.from_json(dict(stats))
+                for name, stats in dict(data.get("regions", {})).items()
+            },
         )
 
 
@@ -493,6 +579,15 @@ def _url_host(host: str) -> str:
     return host
 
 
+def _abort_transport(transport: asyncio.Transport) -> None:
+    """Close a connection abruptly: SO_LINGER 0 makes the kernel send RST, not FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 class _Bucket:
     """A token bucket's state; the rate and size are passed in, so config edits apply at once."""
 
@@ -522,9 +617,12 @@ class _Bucket:
 class _Region:
     """One listening port with its own buckets and counters (the main port is one too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: RegionConfig | None = None) -> None:
+        self.config = config  # None: the main port, configured by SimConfig itself
+        self.name = config.name if config is not None else None
         self.runner: web.AppRunner | None = None
-        self.port: int | None = None
+        self.site: web.TCPSite | None = None  # None while stopped
+        self.port: int | None = (config.port or None) if config is not None else None
         self.bucket = _Bucket()
         self.reset()
 
@@ -540,7 +638,7 @@ class _Region:
         self.missing_401 = 0
         self.invalid_401 = 0
 
-    def snapshot(self) -> SimStats:
+    def snapshot(self, regions: dict[str, SimStats] | None = None) -> SimStats:
         return SimStats(
             requests=self.requests,
             by_status=dict(self.by_status),
@@ -550,6 +648,7 @@ class _Region:
             expired_token_401=self.expired_401,
             missing_token_401=self.missing_401,
             invalid_token_401=self.invalid_401,
+            regions=regions if regions is not None else {},
         )
 
 
@@ -564,11 +663,13 @@ class Simulator:
         self.requests: deque[RecordedRequest] = deque(maxlen=self.config.record_requests)
         self._rng = random.Random(self.config.seed)
         self._host = "127.0.0.1"
+        self._bind_host = "127.0.0.1"
         self._tokens: dict[str, float] = {}
         self._image_cache: dict[bytes, tuple[bool, str]] = {}
         self._completion_id = 0
         self._error_flip = 0
         self._main = _Region()
+        self._regions = {region.name: _Region(region) for region in self.config.regions}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -580,36 +681,56 @@ class Simulator:
             "/v1/projects/{project}/locations/{location}/endpoints/openapi/chat/completions",
             self._handle_chat,
         )
-        app.router.add_get("/stats", self._handle_stats)
-        app.router.add_post("/stats/reset", self._handle_stats_reset)
         app.router.add_get("/healthz", self._handle_healthz)
+        if region is self._main:
+            app.router.add_get("/stats", self._handle_stats)
+            app.router.add_post("/stats/reset", self._handle_stats_reset)
+            app.router.add_post(
+                "/control/regions/{name}/{action:down|up}", self._handle_region_control
+            )
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Bind and start serving; ``port=0`` picks a free port (see :attr:`port`)."""
+        """Bind and start serving; ``port=0`` picks a free port (see :attr:`port`).
+
+        Each region of ``config.regions`` gets a port of its own on the same host.
+        """
         main = self._main
         if main.runner is not None:
             raise RuntimeError("Simulator is already started")
-        runner = web.AppRunner(
-            self._make_app(main), access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        addresses = runner.addresses
-        main.port = int(addresses[0][1]) if addresses else port
+        self._bind_host = host
         self._host = _url_host(host)
-        main.runner = runner
+        try:
+            for region in (main, *self._regions.values()):
+                # A region's connections are aborted when it goes down; cancelling their
+                # handlers then keeps its counters (in_flight, 499s) true.
+                region.runner = web.AppRunner(
+                    self._make_app(region),
+                    access_log=None,
+                    handle_signals=False,
+                    shutdown_timeout=1.0,
+                    handler_cancellation=region is not main,
+                )
+                await region.runner.setup()
+                await self._listen(region, port if region is main else region.port or 0)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _listen(self, region: _Region, port: int) -> None:
+        assert region.runner is not None
+        site = web.TCPSite(region.runner, self._bind_host, port)
+        await site.start()
+        addresses = region.runner.addresses
+        region.port = int(addresses[0][1]) if addresses else port
+        region.site = site
 
     async def stop(self) -> None:
         """Stop serving (idempotent)."""
-        runner, self._main.runner = self._main.runner, None
-        if runner is not None:
-            await runner.cleanup()
+        for region in (self._main, *self._regions.values()):
+            runner, region.runner, region.site = region.runner, None, None
+            if runner is not None:
+                await runner.cleanup()
 
     async def __aenter__(self) -> Simulator:
         await self.start()
@@ -638,6 +759,64 @@ class Simulator:
         """The Vertex-style base URL ending in ``/endpoints/openapi``."""
         return f"{self.base_url}/projects/{project}/locations/{location}/endpoints/openapi"
 
+    # ---------------------------------------------------------------- regions
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """The names of ``config.regions``, in order."""
+        return tuple(self._regions)
+
+    def _region(self, name: str) -> _Region:
+        region = self._regions.get(name)
+        if region is None:
+            raise KeyError(f"no region named {name!r} (regions: {', '.join(self._regions)})")
+        return region
+
+    def region_port(self, name: str) -> int:
+        """The port of region ``name`` (the same while it is down)."""
+        port = self._region(name).port
+        if port is None or self._main.runner is None:
+            raise RuntimeError("Simulator is not started")
+        return port
+
+    def region_base_url(self, name: str, project: str = "sim-project") -> str:
+        """The Vertex-style base URL of region ``name``: its port, its name as the location."""
+        return (
+            f"http://{self._host}:{self.region_port(name)}/v1/projects/{project}"
+            f"/locations/{name}/endpoints/openapi"
+        )
+
+    def region_up(self, name: str) -> bool:
+        """Whether region ``name`` is listening."""
+        return self._region(name).site is not None
+
+    def region_stats(self, name: str) -> SimStats:
+        """Region ``name``'s own counters."""
+        return self._region(name).snapshot()
+
+    async def stop_region(self, name: str) -> None:
+        """Take region ``name`` down like a dead region: close its port, reset its connections.
+
+        New connections are refused; open ones (idle keep-alive ones and those with a request
+        in flight, counted as 499) are aborted with a TCP RST.  Idempotent.
+        """
+        region = self._region(name)
+        site, region.site = region.site, None
+        if site is None:
+            return
+        await site.stop()  # closes the listening socket at once
+        server = region.runner.server if region.runner is not None else None
+        for handler in server.connections if server is not None else ():
+            if handler.transport is not None:
+                _abort_transport(handler.transport)
+
+    async def start_region(self, name: str) -> None:
+        """Bring region ``name`` back up on the same port.  Idempotent."""
+        region = self._region(name)
+        self.region_port(name)  # raises unless started
+        if region.site is None:
+            await self._listen(region, region.port or 0)
+
     # ---------------------------------------------------------------- tokens & stats
 
     def accept_token(self, token: str, expires_at: float) -> None:
@@ -651,11 +830,13 @@ class Simulator:
         self._tokens.pop(token, None)
 
     def stats(self) -> SimStats:
-        return self._main.snapshot()
+        """The main port's counters, with each region's under ``regions``."""
+        return self._main.snapshot({name: r.snapshot() for name, r in self._regions.items()})
 
     def reset_stats(self) -> None:
         """Zero the counters (requests still in flight stay counted in ``in_flight``)."""
-        self._main.reset()
+        for region in (self._main, *self._regions.values()):
+            region.reset()
 
     # ---------------------------------------------------------------- helpers
 
@@ -681,10 +862,14 @@ class Simulator:
     @staticmethod
     def _std_limit(cfg: SimConfig, region: _Region) -> tuple[float, float] | None:
         """(rate, burst) of the port's standard bucket, or None when unlimited."""
-        rate = cfg.rate_limit_rps
+        rc = region.config
+        if rc is None:
+            rate, burst = cfg.rate_limit_rps, cfg.rate_burst
+        else:
+            rate, burst = rc.rate_limit_rps, rc.rate_burst
         if rate is None:
             return None
-        return rate, cfg.rate_burst if cfg.rate_burst is not None else max(1.0, rate)
+        return rate, burst if burst is not None else max(1.0, rate)
 
     def _take_rate_token(self, cfg: SimConfig, region: _Region) -> bool:
         limit = self._std_limit(cfg, region)
@@ -719,8 +904,9 @@ class Simulator:
             headers = {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
         return _json_response(429, _BODY_429, headers)
 
-    def _latency_s(self, cfg: SimConfig) -> float:
-        mean_ms = cfg.latency_ms
+    def _latency_s(self, cfg: SimConfig, mean_ms: float | None = None) -> float:
+        if mean_ms is None:
+            mean_ms = cfg.latency_ms
         if mean_ms <= 0:
             return 0.0
         if cfg.latency_dist == "lognormal" and cfg.latency_sigma > 0:
@@ -764,14 +950,8 @@ class Simulator:
     @staticmethod
     def _abort(request: web.Request) -> None:
         """Close the connection abruptly (RST) without writing a response."""
-        transport = request.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError, AttributeError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
+        if request.transport is not None:
+            _abort_transport(request.transport)
 
     # ---------------------------------------------------------------- handlers
 
@@ -828,7 +1008,7 @@ class Simulator:
 
         # 5. injected server errors (after the latency)
         if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
-            await self._sleep(cfg)
+            await self._sleep(cfg, region)
             self._error_flip ^= 1
             if self._error_flip:
                 return _json_response(500, _BODY_500)
@@ -854,7 +1034,7 @@ class Simulator:
             keys.append(key)
 
         # 7. latency
-        await self._sleep(cfg)
+        await self._sleep(cfg, region)
 
         # 8. the completion
         region.unique_images.update(keys)
@@ -887,8 +1067,12 @@ class Simulator:
         }
         return _json_response(200, _dumps(completion))
 
-    async def _sleep(self, cfg: SimConfig) -> None:
-        delay = self._latency_s(cfg)
+    async def _sleep(self, cfg: SimConfig, region: _Region) -> None:
+        rc = region.config
+        if rc is None or rc.latency_ms is None:
+            delay = self._latency_s(cfg)
+        else:
+            delay = self._latency_s(cfg, rc.latency_ms)
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -907,6 +1091,19 @@ class Simulator:
     async def _handle_stats_reset(self, request: web.Request) -> web.Response:
         self.reset_stats()
         return _json_response(200, _dumps(self.stats().to_json()))
+
+    async def _handle_region_control(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._regions:
+            return _json_response(
+                404, _error_body(404, "NOT_FOUND", f"The simulator has no region {name!r}.")
+            )
+        if request.match_info["action"] == "down":
+            await self.stop_region(name)
+        else:
+            await self.start_region(name)
+        state = {"region": name, "up": self.region_up(name), "base_url": self.region_base_url(name)}
+        return _json_response(200, _dumps(state))
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -1010,6 +1207,14 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer TOKEN'",
     )
     group.add_argument(
+        "--regions",
+        dest="sim_regions",
+        metavar="NAME:RPS[:MS],...",
+        default=None,
+        help="extra regions, each on its own port with its own token bucket (RPS 0: unlimited) "
+        "and latency, e.g. us-central1:100,europe-west4:50:300",
+    )
+    group.add_argument(
         "--seed",
         dest="sim_seed",
         type=int,
@@ -1026,6 +1231,7 @@ def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
         return default if value is None else value
 
     token = getattr(ns, "sim_require_token", None)
+    regions = getattr(ns, "sim_regions", None)
     return SimConfig(
         latency_ms=arg("latency_ms", 0.0),
         latency_dist=arg("latency_dist", "fixed"),
@@ -1042,6 +1248,7 @@ def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
         require_token=token is not None,
         static_token=token,
         seed=getattr(ns, "sim_seed", None),
+        regions=_parse_regions(regions) if isinstance(regions, str) else tuple(regions or ()),
     )
 
 
@@ -1051,6 +1258,12 @@ async def serve_simulator(config: SimConfig, host: str, port: int) -> None:
     await sim.start(host, port)
     try:
         print(f"simulator listening on http://{host}:{sim.port}/v1", file=sys.stderr, flush=True)
+        for name in sim.region_names:
+            print(
+                f"simulator region {name} listening on {sim.region_base_url(name)}",
+                file=sys.stderr,
+                flush=True,
+            )
         await asyncio.Event().wait()
     finally:
         await sim.stop()
