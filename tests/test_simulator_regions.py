@@ -461,3 +461,231 @@ async def test_serve_simulator_announces_regions(capsys: pytest.CaptureFixture[s
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --------------------------------------------------------------------------- consumption tiers
+
+
+async def tiered(
+    http: aiohttp.ClientSession,
+    url: str,
+    shared: str | None = None,
+    kind: str | None = None,
+) -> tuple[int, Any, Any]:
+    headers = {}
+    if shared is not None:
+        headers["X-Vertex-AI-LLM-Shared-Request-Type"] = shared
+    if kind is not None:
+        headers["X-Vertex-AI-LLM-Request-Type"] = kind
+    return await post(http, url, body(), headers=headers)
+
+
+def vertex_chat(sim: Simulator, location: str) -> str:
+    return f"{sim.vertex_base_url('p', location)}/chat/completions"
+
+
+async def test_flex_only_on_the_global_endpoint(http: aiohttp.ClientSession) -> None:
+    config = SimConfig(regions=(RegionConfig("global"), RegionConfig("europe-west4")))
+    async with Simulator(config) as sim:
+        for url in (
+            vertex_chat(sim, "us-central1"),
+            f"{sim.base_url}/chat/completions",  # no location at all
+            f"{sim.region_base_url('europe-west4')}/chat/completions",
+        ):
+            status, data, _ = await tiered(http, url, "flex")
+            assert status == 400, url
+            error = data[0]["error"]
+            assert error["status"] == "INVALID_ARGUMENT"
+            assert "Flex PayGo" in error["message"]
+            assert "global endpoint" in error["message"]
+        # the global location on the main port, and the region named global
+        status, data, _ = await tiered(http, vertex_chat(sim, "global"), "flex")
+        assert status == 200
+        assert data["choices"][0]["finish_reason"] == "stop"
+        # header names and values are case-insensitive
+        url = f"{sim.region_base_url('global')}/chat/completions"
+        headers = {"x-vertex-ai-llm-shared-request-type": " FLEX "}
+        assert (await post(http, url, body(), headers=headers))[0] == 200
+        stats = sim.stats()
+        assert stats.by_tier == {"flex": 1}
+        assert stats.by_status == {400: 2, 200: 1}
+        assert stats.by_header == {"shared-request-type=flex": 3}
+        assert sim.region_stats("global").by_tier == {"flex": 1}
+        assert sim.region_stats("global").by_header == {"shared-request-type=flex": 1}
+        assert sim.region_stats("europe-west4").by_status == {400: 1}
+
+
+async def test_flex_is_slower_and_has_its_own_bucket(http: aiohttp.ClientSession) -> None:
+    config = SimConfig(
+        latency_ms=30.0, rate_limit_rps=1.0, flex_rate_limit_rps=1.0, retry_after_exact=True
+    )
+    async with Simulator(config) as sim:
+        url = vertex_chat(sim, "global")
+        start = time.perf_counter()
+        assert (await tiered(http, url))[0] == 200  # the standard bucket's only token
+        assert time.perf_counter() - start >= 0.029
+        start = time.perf_counter()
+        assert (await tiered(http, url, "flex"))[0] == 200  # flex draws from its own
+        assert time.perf_counter() - start >= 0.089  # 3 x 30 ms
+        status, data, headers = await tiered(http, url, "flex")
+        assert status == 429
+        assert data == BODY_429
+        assert 0 < int(headers["retry-after-ms"]) <= 1000
+        assert (await tiered(http, url))[0] == 429
+        sim.config.flex_latency_factor = 1.0
+        sim.config.flex_rate_limit_rps = None  # unlimited
+        start = time.perf_counter()
+        statuses = [(await tiered(http, url, "flex", "shared"))[0] for _ in range(3)]
+        assert statuses == [200] * 3
+        assert time.perf_counter() - start < 3 * 0.089  # no factor any more
+        assert sim.stats().by_tier == {"standard": 1, "flex": 4}
+
+
+async def test_priority_counted_apart_with_an_optional_bucket(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(rate_limit_rps=1.0)) as sim:
+        url = vertex_chat(sim, "us-central1")
+        # without a bucket of its own, priority draws from the standard one
+        assert (await tiered(http, url, "priority"))[0] == 200
+        assert (await tiered(http, url))[0] == 429
+        assert (await tiered(http, url, "Priority"))[0] == 429
+        sim.config.priority_rate_limit_rps = 1.0
+        assert (await tiered(http, url, "priority", "shared"))[0] == 200
+        assert (await tiered(http, url, "priority"))[0] == 429
+        stats = sim.stats()
+        assert stats.by_tier == {"priority": 2}
+        assert stats.by_header == {
+            "shared-request-type=priority": 4,
+            "request-type=shared": 1,
+        }
+        assert stats.by_status == {200: 2, 429: 3}
+
+
+async def test_provisioned_throughput_spills_over(http: aiohttp.ClientSession) -> None:
+    config = SimConfig(provisioned_rps=1.0, rate_limit_rps=1.0, retry_after_exact=True)
+    async with Simulator(config) as sim:
+        url = vertex_chat(sim, "us-central1")
+        # no header: PT first, then the standard bucket, then 429
+        assert [(await tiered(http, url))[0] for _ in range(2)] == [200, 200]
+        status, _, headers = await tiered(http, url)
+        assert status == 429
+        assert 0 < int(headers["retry-after-ms"]) <= 1000  # the first of both to refill
+        assert sim.stats().by_tier == {"provisioned": 1, "standard": 1}
+
+
+async def test_dedicated_and_shared(http: aiohttp.ClientSession) -> None:
+    async with Simulator(SimConfig(provisioned_rps=1.0, retry_after_s=2.0)) as sim:
+        url = vertex_chat(sim, "us-central1")
+        # shared bypasses PT, even with PT tokens left
+        assert (await tiered(http, url, kind="shared"))[0] == 200
+        assert sim.stats().by_tier == {"standard": 1}
+        # dedicated: PT only, 429 once spent, although pay-as-you-go is unlimited
+        assert (await tiered(http, url, kind="dedicated"))[0] == 200
+        status, data, headers = await tiered(http, url, kind="DEDICATED")
+        assert status == 429
+        assert data == BODY_429
+        assert headers["retry-after-ms"] == "2000"
+        assert (await tiered(http, url, kind="shared"))[0] == 200
+        assert (await tiered(http, url))[0] == 200  # spills over
+        stats = sim.stats()
+        assert stats.by_tier == {"standard": 3, "provisioned": 1}
+        assert stats.by_header == {"request-type=shared": 2, "request-type=dedicated": 2}
+        # without any PT, dedicated cannot be served at all
+        sim.config.provisioned_rps = None
+        status, data, _ = await tiered(http, url, kind="dedicated")
+        assert status == 400
+        assert data[0]["error"]["status"] == "FAILED_PRECONDITION"
+        assert "no Provisioned Throughput" in data[0]["error"]["message"]
+
+
+async def test_flex_after_provisioned_throughput(http: aiohttp.ClientSession) -> None:
+    config = SimConfig(provisioned_rps=1.0, flex_rate_limit_rps=1.0, rate_limit_rps=1.0)
+    async with Simulator(config) as sim:
+        url = vertex_chat(sim, "global")
+        # flex alone: PT first, then flex; the standard bucket is never touched
+        assert [(await tiered(http, url, "flex"))[0] for _ in range(3)] == [200, 200, 429]
+        assert sim.stats().by_tier == {"provisioned": 1, "flex": 1}
+        assert (await tiered(http, url))[0] == 200
+        assert sim.stats().by_tier == {"provisioned": 1, "flex": 1, "standard": 1}
+
+
+async def test_shared_flex_skips_provisioned_throughput(http: aiohttp.ClientSession) -> None:
+    async with Simulator(SimConfig(provisioned_rps=1.0)) as sim:
+        url = vertex_chat(sim, "global")
+        assert (await tiered(http, url, "flex", "shared"))[0] == 200
+        assert (await tiered(http, url, kind="dedicated"))[0] == 200  # PT still full
+        assert sim.stats().by_tier == {"flex": 1, "provisioned": 1}
+
+
+async def test_tier_quotas_are_per_region(http: aiohttp.ClientSession) -> None:
+    config = SimConfig(
+        provisioned_rps=1.0,
+        regions=(RegionConfig("us-central1"), RegionConfig("europe-west4")),
+    )
+    async with Simulator(config) as sim:
+        for name in sim.region_names:
+            url = f"{sim.region_base_url(name)}/chat/completions"
+            assert (await tiered(http, url, kind="dedicated"))[0] == 200
+            assert (await tiered(http, url, kind="dedicated"))[0] == 429
+            assert sim.region_stats(name).by_tier == {"provisioned": 1}
+        stats = sim.stats()
+        assert stats.by_tier == {}
+        assert SimStats.from_json(json.loads(json.dumps(stats.to_json()))) == stats
+
+
+@pytest.mark.parametrize(
+    ("shared", "kind", "needle"),
+    [
+        ("batch", None, "X-Vertex-AI-LLM-Shared-Request-Type"),
+        ("", None, "X-Vertex-AI-LLM-Shared-Request-Type"),
+        (None, "spillover", "X-Vertex-AI-LLM-Request-Type"),
+        ("flex", "bogus", "X-Vertex-AI-LLM-Request-Type"),
+    ],
+)
+async def test_bad_tier_headers_get_400(
+    http: aiohttp.ClientSession, shared: str | None, kind: str | None, needle: str
+) -> None:
+    async with Simulator(SimConfig(rate_limit_rps=1.0)) as sim:
+        status, data, _ = await tiered(http, vertex_chat(sim, "global"), shared, kind)
+        assert status == 400
+        assert data[0]["error"]["status"] == "INVALID_ARGUMENT"
+        assert needle in data[0]["error"]["message"]
+        assert sum(sim.stats().by_header.values()) == (shared is not None) + (kind is not None)
+        assert (await tiered(http, vertex_chat(sim, "global")))[0] == 200  # no token was taken
+
+
+def test_tier_flags_and_validation() -> None:
+    parser = argparse.ArgumentParser()
+    add_simulator_arguments(parser)
+    ns = parser.parse_args(
+        [
+            "--provisioned-rps",
+            "5",
+            "--flex-rate-limit-rps",
+            "2",
+            "--priority-rate-limit-rps",
+            "3",
+            "--flex-latency-factor",
+            "4",
+        ]
+    )
+    cfg = sim_config_from_args(ns)
+    assert (cfg.provisioned_rps, cfg.flex_rate_limit_rps, cfg.priority_rate_limit_rps) == (
+        5.0,
+        2.0,
+        3.0,
+    )
+    assert cfg.flex_latency_factor == 4.0
+    defaults = sim_config_from_args(parser.parse_args([]))
+    assert defaults.flex_latency_factor == 3.0
+    assert defaults.provisioned_rps is None
+    for kwargs in (
+        {"provisioned_rps": 0.0},
+        {"provisioned_rps": -1.0},
+        {"flex_rate_limit_rps": -1.0},
+        {"priority_rate_limit_rps": float("inf")},
+        {"flex_latency_factor": -1.0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            SimConfig(**kwargs)

@@ -73,6 +73,14 @@ _MSG_401: Final = (
     "https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
 _MSG_500: Final = "Internal error encountered."
+_MSG_FLEX_GLOBAL: Final = (
+    "Flex PayGo (X-Vertex-AI-LLM-Shared-Request-Type: flex) is only available on the global "
+    "endpoint (locations/global); it does not support regional or multi-regional endpoints."
+)
+_MSG_NO_PT: Final = (
+    "X-Vertex-AI-LLM-Request-Type: dedicated asks to be served by Provisioned Throughput "
+    "only, but the project has no Provisioned Throughput for this model in this location."
+)
 _MSG_503: Final = "The service is currently unavailable."
 
 
@@ -90,6 +98,16 @@ _BODY_401: Final = _error_body(401, "UNAUTHENTICATED", _MSG_401)
 _BODY_500: Final = _error_body(500, "INTERNAL", _MSG_500)
 _BODY_503: Final = _error_body(503, "UNAVAILABLE", _MSG_503)
 _JSON: Final = "application/json"
+
+# Vertex AI's consumption-tier request headers (names are case-insensitive).
+_H_SHARED: Final = "X-Vertex-AI-LLM-Shared-Request-Type"  # flex | priority
+_H_REQUEST: Final = "X-Vertex-AI-LLM-Request-Type"  # dedicated | shared
+_SHARED_TYPES: Final = ("flex", "priority")
+_REQUEST_TYPES: Final = ("dedicated", "shared")
+_STANDARD: Final = "standard"
+_PRIORITY: Final = "priority"
+_FLEX: Final = "flex"
+_PROVISIONED: Final = "provisioned"
 
 
 def _json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
@@ -202,6 +220,14 @@ class SimConfig:
     record_requests: int = 0
     #: Extra regions, each on its own port (fixed when the Simulator is created).
     regions: tuple[RegionConfig, ...] = ()
+    #: Flex PayGo answers take this many times the latency.
+    flex_latency_factor: float = 3.0
+    #: Flex PayGo's own token bucket, per region (None: unlimited).
+    flex_rate_limit_rps: float | None = None
+    #: Priority PayGo's own token bucket, per region (None: it draws from the standard one).
+    priority_rate_limit_rps: float | None = None
+    #: Provisioned Throughput in requests per second, per region (None: the project has none).
+    provisioned_rps: float | None = None
 
     def __post_init__(self) -> None:
         def finite_non_negative(name: str, value: object) -> None:
@@ -263,6 +289,14 @@ class SimConfig:
             raise ValueError(
                 f"SimConfig.record_requests must be an integer >= 0, got {self.record_requests!r}"
             )
+        finite_non_negative("flex_latency_factor", self.flex_latency_factor)
+        for name in ("flex_rate_limit_rps", "priority_rate_limit_rps"):
+            if getattr(self, name) is not None:
+                finite_non_negative(name, getattr(self, name))
+        if self.provisioned_rps is not None:
+            finite_non_negative("provisioned_rps", self.provisioned_rps)
+            if self.provisioned_rps <= 0:
+                raise ValueError("SimConfig.provisioned_rps must be > 0 (None: no PT)")
         if not isinstance(self.regions, tuple | list) or not all(
             isinstance(region, RegionConfig) for region in self.regions
         ):
@@ -285,6 +319,10 @@ class SimStats:
     expired_token_401: int = 0  # known token, but expired
     missing_token_401: int = 0  # no ``Authorization: Bearer <token>`` header
     invalid_token_401: int = 0  # a bearer token that was never accepted (or was revoked)
+    #: Answers (200) by the tier that served them: standard, priority, flex, provisioned.
+    by_tier: dict[str, int] = field(default_factory=dict)
+    #: Requests seen per tier header value, e.g. ``shared-request-type=flex``.
+    by_header: dict[str, int] = field(default_factory=dict)
     #: Each extra region's own counters (the fields above are the main port's).
     regions: dict[str, SimStats] = field(default_factory=dict)
 
@@ -299,6 +337,8 @@ class SimStats:
             "expired_token_401": self.expired_token_401,
             "missing_token_401": self.missing_token_401,
             "invalid_token_401": self.invalid_token_401,
+            "by_tier": dict(sorted(self.by_tier.items())),
+            "by_header": dict(sorted(self.by_header.items())),
             "regions": {name: stats.to_json() for name, stats in sorted(self.regions.items())},
         }
 
@@ -314,6 +354,8 @@ class SimStats:
             expired_token_401=int(data.get("expired_token_401", 0)),
             missing_token_401=int(data.get("missing_token_401", 0)),
             invalid_token_401=int(data.get("invalid_token_401", 0)),
+            by_tier={str(k): int(v) for k, v in dict(data.get("by_tier", {})).items()},
+            by_header={str(k): int(v) for k, v in dict(data.get("by_header", {})).items()},
             regions={
                 str(name): cls.from_json(dict(stats))
                 for name, stats in dict(data.get("regions", {})).items()
@@ -623,7 +665,10 @@ class _Region:
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None  # None while stopped
         self.port: int | None = (config.port or None) if config is not None else None
-        self.bucket = _Bucket()
+        self.bucket = _Bucket()  # standard pay-as-you-go
+        self.flex_bucket = _Bucket()
+        self.priority_bucket = _Bucket()
+        self.pt_bucket = _Bucket()  # Provisioned Throughput
         self.reset()
 
     def reset(self) -> None:
@@ -637,6 +682,8 @@ class _Region:
         self.expired_401 = 0
         self.missing_401 = 0
         self.invalid_401 = 0
+        self.by_tier: Counter[str] = Counter()
+        self.by_header: Counter[str] = Counter()
 
     def snapshot(self, regions: dict[str, SimStats] | None = None) -> SimStats:
         return SimStats(
@@ -648,6 +695,8 @@ class _Region:
             expired_token_401=self.expired_401,
             missing_token_401=self.missing_401,
             invalid_token_401=self.invalid_401,
+            by_tier=dict(self.by_tier),
+            by_header=dict(self.by_header),
             regions=regions if regions is not None else {},
         )
 
@@ -894,15 +943,78 @@ class Simulator:
         if rate > 0:
             headers["x-ratelimit-reset-requests"] = _go_duration((burst - level) / rate)
 
-    def _limited(self, cfg: SimConfig, bucket: _Bucket, rate: float, burst: float) -> web.Response:
-        """A 429 for an empty bucket."""
+    def _limited(self, cfg: SimConfig, *empty: tuple[_Bucket, float, float]) -> web.Response:
+        """A 429 for empty buckets, given as (bucket, rate, burst)."""
         headers = self._retry_headers(cfg)
-        if cfg.retry_after_exact and rate > 0:
-            level = bucket.level(rate, burst, None, time.monotonic())
-            # Rounded up: a client that waits this long finds a token.
-            ms = max(1, math.ceil((1.0 - level) / rate * 1000.0))
-            headers = {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
+        if cfg.retry_after_exact:
+            now = time.monotonic()
+            waits = [
+                (1.0 - bucket.level(rate, burst, None, now)) / rate
+                for bucket, rate, burst in empty
+                if rate > 0
+            ]
+            if waits:
+                # Rounded up: a client that waits this long finds a token.
+                ms = max(1, math.ceil(min(waits) * 1000.0))
+                headers = {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
         return _json_response(429, _BODY_429, headers)
+
+    @staticmethod
+    def _tier_headers(
+        request: web.Request, region: _Region, cfg: SimConfig, shared: str | None, kind: str | None
+    ) -> tuple[str, str] | web.Response:
+        """Validate Vertex's tier headers; (shared-request-type, request-type), "" if absent."""
+        if shared is not None:
+            shared = shared.strip().lower()
+            region.by_header[f"shared-request-type={shared[:32]}"] += 1
+        if kind is not None:
+            kind = kind.strip().lower()
+            region.by_header[f"request-type={kind[:32]}"] += 1
+        if shared is not None and shared not in _SHARED_TYPES:
+            return _bad_request(
+                f"Invalid value {shared[:32]!r} for header {_H_SHARED}: expected flex or priority."
+            )
+        if kind is not None and kind not in _REQUEST_TYPES:
+            return _bad_request(
+                f"Invalid value {kind[:32]!r} for header {_H_REQUEST}: expected dedicated or shared."
+            )
+        if (
+            shared == _FLEX
+            and region.name != "global"
+            and request.match_info.get("location") != "global"
+        ):
+            return _bad_request(_MSG_FLEX_GLOBAL)
+        if kind == "dedicated" and cfg.provisioned_rps is None:
+            return _json_response(400, _error_body(400, "FAILED_PRECONDITION", _MSG_NO_PT))
+        return shared or "", kind or ""
+
+    def _take_quota(
+        self, cfg: SimConfig, region: _Region, shared: str, kind: str
+    ) -> str | web.Response:
+        """Take a token for a tiered request: the tier that serves it, or a 429."""
+        empty: list[tuple[_Bucket, float, float]] = []
+        pt_rate = cfg.provisioned_rps
+        if pt_rate is not None and kind != "shared":  # PT first, unless bypassed
+            pt_burst = max(1.0, pt_rate)
+            if region.pt_bucket.take(pt_rate, pt_burst):
+                return _PROVISIONED
+            empty.append((region.pt_bucket, pt_rate, pt_burst))
+            if kind == "dedicated":  # no spill-over to pay-as-you-go
+                return self._limited(cfg, *empty)
+        if shared == _FLEX:
+            tier, bucket, rate = _FLEX, region.flex_bucket, cfg.flex_rate_limit_rps
+            burst = max(1.0, rate) if rate is not None else 1.0
+        elif shared == _PRIORITY and cfg.priority_rate_limit_rps is not None:
+            rate = cfg.priority_rate_limit_rps
+            tier, bucket, burst = _PRIORITY, region.priority_bucket, max(1.0, rate)
+        else:  # standard, and priority without a bucket of its own
+            if self._take_rate_token(cfg, region):
+                return _PRIORITY if shared == _PRIORITY else _STANDARD
+            rate, burst = self._std_limit(cfg, region) or (0.0, 1.0)
+            return self._limited(cfg, *empty, (region.bucket, rate, burst))
+        if rate is None or bucket.take(rate, burst):
+            return tier
+        return self._limited(cfg, *empty, (bucket, rate, burst))
 
     def _latency_s(self, cfg: SimConfig, mean_ms: float | None = None) -> float:
         if mean_ms is None:
@@ -999,16 +1111,31 @@ class Simulator:
             self._abort(request)
             return None
 
-        # 4. concurrency and rate limits, answered at once
+        # 4. consumption tier headers, concurrency and quotas, answered at once
+        headers = request.headers
+        shared, kind = headers.get(_H_SHARED), headers.get(_H_REQUEST)
+        tiered: tuple[str, str] | web.Response | None = None
+        if shared is not None or kind is not None:
+            tiered = self._tier_headers(request, region, cfg, shared, kind)
+            if isinstance(tiered, web.Response):
+                return tiered
         if cfg.max_concurrency is not None and region.in_flight > cfg.max_concurrency:
             return _json_response(429, _BODY_429, self._retry_headers(cfg))
-        if not self._take_rate_token(cfg, region):
-            rate, burst = self._std_limit(cfg, region) or (0.0, 1.0)
-            return self._limited(cfg, region.bucket, rate, burst)
+        tier = _STANDARD
+        if tiered is None and cfg.provisioned_rps is None:  # plain standard pay-as-you-go
+            if not self._take_rate_token(cfg, region):
+                rate, burst = self._std_limit(cfg, region) or (0.0, 1.0)
+                return self._limited(cfg, (region.bucket, rate, burst))
+        else:
+            taken = self._take_quota(cfg, region, *(tiered or ("", "")))
+            if isinstance(taken, web.Response):
+                return taken
+            tier = taken
+        factor = cfg.flex_latency_factor if tier == _FLEX else 1.0
 
         # 5. injected server errors (after the latency)
         if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
-            await self._sleep(cfg, region)
+            await self._sleep(cfg, region, factor)
             self._error_flip ^= 1
             if self._error_flip:
                 return _json_response(500, _BODY_500)
@@ -1034,10 +1161,11 @@ class Simulator:
             keys.append(key)
 
         # 7. latency
-        await self._sleep(cfg, region)
+        await self._sleep(cfg, region, factor)
 
         # 8. the completion
         region.unique_images.update(keys)
+        region.by_tier[tier] += 1
         answer = " ".join(descriptions)
         words = answer.split()
         finish_reason = "stop"
@@ -1067,12 +1195,13 @@ class Simulator:
         }
         return _json_response(200, _dumps(completion))
 
-    async def _sleep(self, cfg: SimConfig, region: _Region) -> None:
+    async def _sleep(self, cfg: SimConfig, region: _Region, factor: float = 1.0) -> None:
         rc = region.config
         if rc is None or rc.latency_ms is None:
             delay = self._latency_s(cfg)
         else:
             delay = self._latency_s(cfg, rc.latency_ms)
+        delay *= factor
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -1215,6 +1344,35 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
         "and latency, e.g. us-central1:100,europe-west4:50:300",
     )
     group.add_argument(
+        "--provisioned-rps",
+        dest="sim_provisioned_rps",
+        type=float,
+        default=None,
+        help="Provisioned Throughput in requests per second per region (default: none); "
+        "used first, spilling over to pay-as-you-go",
+    )
+    group.add_argument(
+        "--flex-rate-limit-rps",
+        dest="sim_flex_rate_limit_rps",
+        type=float,
+        default=None,
+        help="token bucket for Flex PayGo requests (default: unlimited)",
+    )
+    group.add_argument(
+        "--priority-rate-limit-rps",
+        dest="sim_priority_rate_limit_rps",
+        type=float,
+        default=None,
+        help="token bucket for Priority PayGo requests (default: the standard bucket)",
+    )
+    group.add_argument(
+        "--flex-latency-factor",
+        dest="sim_flex_latency_factor",
+        type=float,
+        default=None,
+        help="Flex PayGo answers take this many times the latency (default 3)",
+    )
+    group.add_argument(
         "--seed",
         dest="sim_seed",
         type=int,
@@ -1249,6 +1407,10 @@ def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
         static_token=token,
         seed=getattr(ns, "sim_seed", None),
         regions=_parse_regions(regions) if isinstance(regions, str) else tuple(regions or ()),
+        flex_latency_factor=arg("flex_latency_factor", 3.0),
+        flex_rate_limit_rps=getattr(ns, "sim_flex_rate_limit_rps", None),
+        priority_rate_limit_rps=getattr(ns, "sim_priority_rate_limit_rps", None),
+        provisioned_rps=getattr(ns, "sim_provisioned_rps", None),
     )
 
 
