@@ -712,3 +712,444 @@ async def test_start_stop_lifecycle() -> None:
     finally:
         await sim.stop()
     await sim.stop()  # idempotent
+
+
+# --------------------------------------------------------------------------- structured output
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "null":
+        return value is None
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "array":
+        return isinstance(value, list)
+    return kind == "object" and isinstance(value, dict)
+
+
+def schema_errors(value: Any, schema: Any, root: Any = None, path: str = "$") -> list[str]:
+    """A small JSON Schema validator for the keywords these tests use (jsonschema is not a
+    dependency); written apart from the simulator's generator so that it checks it."""
+    root = schema if root is None else root
+    if schema is True:
+        return []
+    if schema is False:
+        return [f"{path}: false schema"]
+    errors: list[str] = []
+    if "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#").strip("/").split("/"):
+            node = node[part] if part else node
+        errors += schema_errors(value, node, root, path)
+    for sub in schema.get("allOf", []):
+        errors += schema_errors(value, sub, root, path)
+    if "anyOf" in schema and all(schema_errors(value, s, root, path) for s in schema["anyOf"]):
+        errors.append(f"{path}: matches no anyOf branch")
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(value, s, root, path)]
+        if len(matching) != 1:
+            errors.append(f"{path}: matches {len(matching)} oneOf branches")
+    if "const" in schema and not _same(value, schema["const"]):
+        errors.append(f"{path}: {value!r} is not the const {schema['const']!r}")
+    if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
+        errors.append(f"{path}: {value!r} is not in the enum")
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_type_ok(value, k) for k in kinds):
+            return [*errors, f"{path}: {value!r} is not of type {kinds}"]
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            errors.append(f"{path}: shorter than minLength")
+        if len(value) > schema.get("maxLength", len(value)):
+            errors.append(f"{path}: longer than maxLength")
+        fmt = schema.get("format")
+        if fmt == "date-time" and not re.fullmatch(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value
+        ):
+            errors.append(f"{path}: not a date-time")
+        if fmt == "uri" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", value):
+            errors.append(f"{path}: not a uri")
+    if _type_ok(value, "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{path}: below minimum")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{path}: above maximum")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            errors.append(f"{path}: not above exclusiveMinimum")
+        if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+            errors.append(f"{path}: not below exclusiveMaximum")
+        if "multipleOf" in schema and value % schema["multipleOf"]:
+            errors.append(f"{path}: not a multiple of {schema['multipleOf']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for name in schema.get("required", []):
+            if name not in value:
+                errors.append(f"{path}: missing required {name!r}")
+        for name, item in value.items():
+            if name in props:
+                errors += schema_errors(item, props[name], root, f"{path}.{name}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}: additional property {name!r}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += schema_errors(
+                    item, schema["additionalProperties"], root, f"{path}.{name}"
+                )
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than minItems")
+        if len(value) > schema.get("maxItems", len(value)):
+            errors.append(f"{path}: more than maxItems")
+        prefix = schema.get("prefixItems", [])
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else schema.get("items", True)
+            errors += schema_errors(item, sub, root, f"{path}[{i}]")
+    return errors
+
+
+def test_schema_errors_helper_catches_mistakes() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 2}, "s": {"enum": ["a"]}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    assert schema_errors({"n": 2, "s": "a"}, schema) == []
+    assert schema_errors({"n": 1}, schema)
+    assert schema_errors({"n": True}, schema)
+    assert schema_errors({"s": "a"}, schema)
+    assert schema_errors({"n": 3, "x": 1}, schema)
+    assert schema_errors({"n": 3, "s": "b"}, schema)
+
+
+DESCRIPTION = "A 64x48 PNG image, mostly red (#d02020)."
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "caption": {
+        "type": "object",
+        "properties": {"caption": {"type": "string"}, "alt_text": {"type": "string"}},
+        "required": ["caption", "alt_text"],
+        "additionalProperties": False,
+    },
+    "strings": {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 12},
+            "code": {"type": "string", "minLength": 30},
+            "mood": {"type": "string", "enum": ["calm", "busy"]},
+            "kind": {"const": "photo"},
+            "taken": {"type": "string", "format": "date-time"},
+            "source": {"type": "string", "format": "uri"},
+        },
+        "required": ["title", "code", "mood", "kind", "taken", "source"],
+        "additionalProperties": False,
+    },
+    "numbers": {
+        "type": "object",
+        "properties": {
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "width": {"type": "integer", "minimum": 64},
+            "tilt": {"type": "number", "exclusiveMinimum": 5, "exclusiveMaximum": 6},
+            "count": {"type": "integer", "exclusiveMinimum": 3, "multipleOf": 5, "maximum": 20},
+            "negative": {"type": "integer", "maximum": -3},
+            "flag": {"type": "boolean"},
+            "nothing": {"type": "null"},
+        },
+        "required": ["confidence", "width", "tilt", "count", "negative", "flag", "nothing"],
+    },
+    "arrays": {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 3},
+            "scores": {"type": "array", "items": {"type": "number", "maximum": 0.5}},
+            "empty": {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+            "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}]},
+        },
+        "required": ["tags", "scores", "empty", "pair"],
+    },
+    "nullable": {
+        "type": "object",
+        "properties": {
+            "note": {"type": ["string", "null"]},
+            "size": {"type": ["null", "integer"], "minimum": 7},
+            "maybe": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
+            "either": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+        },
+        "required": ["note", "size", "maybe", "either"],
+        "additionalProperties": False,
+    },
+    "refs": {
+        "$defs": {
+            "Colour": {"type": "string", "enum": ["red", "green", "blue"]},
+            "Box": {
+                "type": "object",
+                "properties": {"label": {"type": "string"}, "colour": {"$ref": "#/$defs/Colour"}},
+                "required": ["label", "colour"],
+                "additionalProperties": False,
+            },
+        },
+        "type": "object",
+        "properties": {"boxes": {"type": "array", "items": {"$ref": "#/$defs/Box"}}},
+        "required": ["boxes"],
+        "additionalProperties": False,
+    },
+    "definitions-and-recursion": {
+        "definitions": {
+            "Node": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "children": {"type": "array", "items": {"$ref": "#/definitions/Node"}},
+                },
+                "required": ["name", "children"],
+            }
+        },
+        "$ref": "#/definitions/Node",
+    },
+    "allOf": {
+        "allOf": [
+            {
+                "type": "object",
+                "properties": {"summary": {"type": "string"}},
+                "required": ["summary"],
+            },
+            {
+                "type": "object",
+                "properties": {"score": {"type": "integer", "minimum": 10, "maximum": 12}},
+                "required": ["score"],
+            },
+        ]
+    },
+    "top-level-array": {"type": "array", "items": {"type": "integer"}, "minItems": 2},
+    "top-level-enum": {"enum": ["cat", "dog"]},
+    "untyped-properties": {"properties": {"description": {}}, "required": ["description"]},
+}
+
+
+def structured_body(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    return body(response_format=response_format, **extra)
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+async def test_structured_output_matches_the_schema(
+    sim: Simulator, http: aiohttp.ClientSession, name: str
+) -> None:
+    schema = SCHEMAS[name]
+    status, data, _ = await post(http, f"{sim.base_url}/chat/completions", structured_body(schema))
+    assert status == 200, data
+    content = data["choices"][0]["message"]["content"]
+    value = json.loads(content)
+    assert schema_errors(value, schema) == []
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"]["completion_tokens"] == len(content.split())
+    assert sim.stats().structured == 1
+    assert sim.stats().schema_mismatches_sent == 0
+    # deterministic: the same image and schema give the same answer
+    again = await post(http, f"{sim.base_url}/chat/completions", structured_body(schema))
+    assert again[1]["choices"][0]["message"]["content"] == content
+
+
+async def test_structured_strings_are_meaningful(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    url = f"{sim.base_url}/chat/completions"
+    _, data, _ = await post(http, url, structured_body(SCHEMAS["caption"]))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value == {"caption": DESCRIPTION, "alt_text": DESCRIPTION}
+    _, data, _ = await post(http, url, structured_body(SCHEMAS["strings"]))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value["title"] == "A 64x48 PNG"  # cut at a word to fit maxLength 12
+    assert value["mood"] == "calm"
+    assert value["kind"] == "photo"
+    _, data, _ = await post(http, url, structured_body(SCHEMAS["arrays"]))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value["tags"] == ["png", "red", "png"]  # words of the description
+    assert value["empty"] == []
+    # another image, another description
+    _, data, _ = await post(
+        http, url, structured_body(SCHEMAS["caption"], messages=messages("gs://b/cat.jpg"))
+    )
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value["caption"].startswith("A simulated description of cat.jpg")
+
+
+async def test_structured_output_through_the_sdk_parse(client: openai.AsyncOpenAI) -> None:
+    from enum import StrEnum
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Colour(StrEnum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Thing(BaseModel):
+        label: str
+        confidence: float
+
+    class Caption(BaseModel):
+        caption: str
+        colour: Colour
+        things: list[Thing]
+        alt: str | None
+        kind: Literal["photo", "drawing"]
+
+    completion = await client.chat.completions.parse(
+        model="google/gemini-2.0-flash", messages=messages(), response_format=Caption
+    )
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Caption)
+    assert parsed.caption == DESCRIPTION
+    assert parsed.colour is Colour.RED
+    assert parsed.kind == "photo"
+    assert parsed.things[0].confidence == 0.9
+
+
+async def test_json_object_and_text_formats(sim: Simulator, client: openai.AsyncOpenAI) -> None:
+    completion = await create(client, response_format={"type": "json_object"})
+    assert json.loads(completion.choices[0].message.content) == {"description": DESCRIPTION}
+    completion = await create(client, response_format={"type": "text"})
+    assert completion.choices[0].message.content == DESCRIPTION
+    assert sim.stats().structured == 0  # only json_schema answers count
+
+
+@pytest.mark.parametrize(
+    ("response_format", "needle"),
+    [
+        pytest.param("json", "'response_format' must be an object", id="not-object"),
+        pytest.param({"type": "xml"}, "'response_format.type'", id="unknown-type"),
+        pytest.param({}, "'response_format.type'", id="no-type"),
+        pytest.param({"type": "json_schema"}, "json_schema", id="no-json-schema"),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"name": "x"}}, "'schema'", id="no-schema"
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            "'schema'",
+            id="schema-not-object",
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"name": 3, "schema": {}}},
+            "name",
+            id="bad-name",
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}},
+            "strict",
+            id="bad-strict",
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/Nope"}}},
+            "$ref",
+            id="dangling-ref",
+        ),
+        pytest.param(
+            {
+                "type": "json_schema",
+                "json_schema": {"schema": {"$ref": "https://example.com/s.json"}},
+            },
+            "only local references",
+            id="remote-ref",
+        ),
+        pytest.param(
+            {
+                "type": "json_schema",
+                "json_schema": {"schema": {"type": "string", "minLength": 5, "maxLength": 2}},
+            },
+            "minLength",
+            id="contradiction",
+        ),
+        pytest.param(
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "schema": {
+                        "$defs": {
+                            "L": {
+                                "type": "object",
+                                "properties": {"next": {"$ref": "#/$defs/L"}},
+                                "required": ["next"],
+                            }
+                        },
+                        "$ref": "#/$defs/L",
+                    }
+                },
+            },
+            "nests too deeply",
+            id="endless-recursion",
+        ),
+    ],
+)
+async def test_bad_response_format_gets_400(
+    sim: Simulator, http: aiohttp.ClientSession, response_format: Any, needle: str
+) -> None:
+    payload = body(response_format=response_format)
+    status, data, _ = await post(http, f"{sim.base_url}/chat/completions", payload)
+    assert status == 400
+    assert data[0]["error"]["status"] == "INVALID_ARGUMENT"
+    assert needle in data[0]["error"]["message"]
+    assert sim.stats().structured == 0
+
+
+async def test_schema_mismatch_rate(http: aiohttp.ClientSession) -> None:
+    async def contents(rate: float, seed: int, n: int) -> tuple[list[str], SimStats]:
+        async with Simulator(SimConfig(schema_mismatch_rate=rate, seed=seed)) as s:
+            url = f"{s.base_url}/chat/completions"
+            out = []
+            for i in range(n):
+                schema = list(SCHEMAS.values())[i % 3]
+                _, data, _ = await post(http, url, structured_body(schema))
+                out.append(data["choices"][0]["message"]["content"])
+            return out, s.stats()
+
+    # always: every answer breaks its schema
+    answers, stats = await contents(1.0, 1, 9)
+    for i, content in enumerate(answers):
+        assert schema_errors(json.loads(content), list(SCHEMAS.values())[i % 3]), content
+    assert (stats.structured, stats.schema_mismatches_sent) == (9, 9)
+    # a share: counted exactly, and deterministic under the seed
+    answers, stats = await contents(0.5, 7, 30)
+    broken = [
+        bool(schema_errors(json.loads(c), list(SCHEMAS.values())[i % 3]))
+        for i, c in enumerate(answers)
+    ]
+    assert stats.structured == 30
+    assert stats.schema_mismatches_sent == sum(broken)
+    assert 5 <= sum(broken) <= 25
+    again, _ = await contents(0.5, 7, 30)
+    assert again == answers
+    # both ways of breaking show up: a dropped required property and a wrong type
+    missing = wrong = 0
+    for i, content in enumerate(answers):
+        errors = schema_errors(json.loads(content), list(SCHEMAS.values())[i % 3])
+        missing += any("missing required" in e for e in errors)
+        wrong += any("not of type" in e or "not in the enum" in e for e in errors)
+    assert missing and wrong
+
+
+async def test_schema_mismatch_when_nothing_can_break(http: aiohttp.ClientSession) -> None:
+    # every value matches {}: the answer cannot mismatch, and is not counted as such
+    async with Simulator(SimConfig(schema_mismatch_rate=1.0)) as s:
+        status, _, _ = await post(http, f"{s.base_url}/chat/completions", structured_body({}))
+        assert status == 200
+        assert (s.stats().structured, s.stats().schema_mismatches_sent) == (1, 0)
+
+
+async def test_structured_answer_truncated_by_max_tokens(client: openai.AsyncOpenAI) -> None:
+    response_format = structured_body(SCHEMAS["caption"])["response_format"]
+    completion = await create(client, response_format=response_format, max_tokens=3)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == '{"caption": "A 64x48'

@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import time
+import uuid
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -228,6 +229,8 @@ class SimConfig:
     priority_rate_limit_rps: float | None = None
     #: Provisioned Throughput in requests per second, per region (None: the project has none).
     provisioned_rps: float | None = None
+    #: Share of structured (json_schema) answers that deliberately do not match the schema.
+    schema_mismatch_rate: float = 0.0
 
     def __post_init__(self) -> None:
         def finite_non_negative(name: str, value: object) -> None:
@@ -269,7 +272,7 @@ class SimConfig:
             raise ValueError(
                 f"SimConfig.max_concurrency must be an integer >= 1, got {self.max_concurrency!r}"
             )
-        for name in ("error_rate", "reset_rate"):
+        for name in ("error_rate", "reset_rate", "schema_mismatch_rate"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"SimConfig.{name} must be within [0, 1], got {value!r}")
@@ -323,6 +326,8 @@ class SimStats:
     by_tier: dict[str, int] = field(default_factory=dict)
     #: Requests seen per tier header value, e.g. ``shared-request-type=flex``.
     by_header: dict[str, int] = field(default_factory=dict)
+    structured: int = 0  # answers to response_format json_schema requests
+    schema_mismatches_sent: int = 0  # of which deliberately did not match the schema
     #: Each extra region's own counters (the fields above are the main port's).
     regions: dict[str, SimStats] = field(default_factory=dict)
 
@@ -339,6 +344,8 @@ class SimStats:
             "invalid_token_401": self.invalid_token_401,
             "by_tier": dict(sorted(self.by_tier.items())),
             "by_header": dict(sorted(self.by_header.items())),
+            "structured": self.structured,
+            "schema_mismatches_sent": self.schema_mismatches_sent,
             "regions": {name: stats.to_json() for name, stats in sorted(self.regions.items())},
         }
 
@@ -356,6 +363,8 @@ class SimStats:
             invalid_token_401=int(data.get("invalid_token_401", 0)),
             by_tier={str(k): int(v) for k, v in dict(data.get("by_tier", {})).items()},
             by_header={str(k): int(v) for k, v in dict(data.get("by_header", {})).items()},
+            structured=int(data.get("structured", 0)),
+            schema_mismatches_sent=int(data.get("schema_mismatches_sent", 0)),
             regions={
                 str(name): cls.from_json(dict(stats))
                 for name, stats in dict(data.get("regions", {})).items()
@@ -494,6 +503,433 @@ def _describe_uri(url: str, ref: str) -> str:
     return f"A simulated description of {name} (ref {ref})."
 
 
+# --------------------------------------------------------------------------- structured output
+
+
+class _SchemaError(ValueError):
+    """The schema cannot be honoured: unsupported, contradictory or without a finite instance."""
+
+
+_NOTHING: Final = object()
+_SCHEMA_MAX_DEPTH: Final = 48
+# Below this depth, optional properties and array items beyond minItems are left out and
+# nullable types become null, so recursive schemas end.
+_SCHEMA_SHALLOW: Final = 6
+_SCHEMA_MAX_ITEMS: Final = 10_000  # minItems / minProperties beyond this are refused
+_SCHEMA_MAX_LENGTH: Final = 100_000  # and minLength beyond this
+_DESCRIPTIVE_KEYS: Final = (
+    "description", "caption", "summary", "alt", "text", "content", "narrative", "explanation",
+)  # fmt: skip
+_TITLE_KEYS: Final = ("title", "name", "headline", "subject")
+_TAG_KEYS: Final = ("tag", "keyword", "label", "object", "topic", "categor", "colour", "color")
+_SCORE_KEYS: Final = ("confidence", "score", "probability", "certainty")
+_STOP_WORDS: Final = frozenset({"a", "an", "the", "of", "and", "image", "mostly", "ref", "with"})
+_FORMAT_SAMPLES: Final = {
+    "date-time": "2024-05-01T12:00:00Z",
+    "date": "2024-05-01",
+    "time": "12:00:00Z",
+    "email": "sim@example.com",
+    "hostname": "example.com",
+    "ipv4": "192.0.2.1",
+    "ipv6": "2001:db8::1",
+    "duration": "PT1S",
+}
+_TYPE_SAMPLES: Final[tuple[tuple[str, Any], ...]] = (
+    ("string", "mismatch"),
+    ("integer", 12345),
+    ("boolean", True),
+    ("null", None),
+    ("array", []),
+    ("object", {}),
+)
+
+
+def _schema_types(schema: dict[str, Any]) -> list[str]:
+    """The schema's ``type`` as a list; inferred from its keywords when absent."""
+    declared = schema.get("type")
+    if isinstance(declared, str):
+        return [declared]
+    if isinstance(declared, list) and declared and all(isinstance(t, str) for t in declared):
+        return list(declared)
+    if declared is not None:
+        raise _SchemaError(f"'type' must be a string or a list of strings, got {declared!r}")
+    if any(k in schema for k in ("properties", "required", "additionalProperties")):
+        return ["object"]
+    if any(k in schema for k in ("items", "prefixItems", "minItems", "maxItems")):
+        return ["array"]
+    if any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+        return ["number"]
+    return ["string"]
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """JSON equality (in Python ``True == 1``; in JSON Schema they differ)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _merge_schemas(a: Any, b: Any) -> Any:
+    """Both ``a`` and ``b`` (an ``allOf`` of two), as one schema, as far as generation needs."""
+    if a is True or a == {}:
+        return b
+    if b is True or b == {}:
+        return a
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        raise _SchemaError("a false schema has no instance")
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif key == "properties" and isinstance(value, dict) and isinstance(out[key], dict):
+            props = dict(out[key])
+            for name, sub in value.items():
+                props[name] = _merge_schemas(props[name], sub) if name in props else sub
+            out[key] = props
+        elif key == "required" and isinstance(value, list) and isinstance(out[key], list):
+            out[key] = list(dict.fromkeys([*out[key], *value]))
+        elif key == "type":
+            mine, theirs = _schema_types(out), _schema_types(b)
+            both = [t for t in mine if t in theirs]
+            if ("integer" in mine and "number" in theirs) or (
+                "number" in mine and "integer" in theirs
+            ):
+                both.append("integer")
+            if not both:
+                raise _SchemaError(f"allOf branches have no type in common ({mine} and {theirs})")
+            out[key] = list(dict.fromkeys(both))
+        elif key == "enum" and isinstance(value, list) and isinstance(out[key], list):
+            out[key] = [v for v in out[key] if any(_same_json(v, w) for w in value)]
+        elif key in ("minimum", "minLength", "minItems", "minProperties") and _is_number(value):
+            out[key] = max(out[key], value)
+        elif key in ("maximum", "maxLength", "maxItems", "maxProperties") and _is_number(value):
+            out[key] = min(out[key], value)
+        elif key == "additionalProperties" and value is False:
+            out[key] = False
+    return out
+
+
+class _SchemaFiller:
+    """Builds an instance of a JSON Schema, with the image description where text is wanted.
+
+    Supports the subset structured output uses: ``type`` (and lists of types), ``properties``,
+    ``required``, ``additionalProperties``, ``enum``, ``const``, string lengths and common
+    formats, numeric bounds, integer ``multipleOf``, array ``items``/``prefixItems`` and
+    lengths, ``anyOf``/``oneOf`` (the first branch), ``allOf`` (merged) and local ``$ref``.
+    ``pattern`` and ``uniqueItems`` are not enforced.
+    """
+
+    def __init__(self, root: dict[str, Any], description: str) -> None:
+        self.root = root
+        self.description = description
+        self.ref = hashlib.blake2b(description.encode(), digest_size=3).hexdigest()
+        words = [w.strip(".,;:()#").lower() for w in description.split()]
+        self.words = [w for w in words if w.isalpha() and w not in _STOP_WORDS] or ["image"]
+
+    # ---------------------------------------------------------------- schema shapes
+
+    def _deref(self, ref: Any) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise _SchemaError(
+                f"unsupported $ref {ref!r}: only local references such as '#/$defs/Name' "
+                "or '#/definitions/Name' are supported"
+            )
+        node: Any = self.root
+        for raw in ref[1:].split("/")[1:]:
+            part = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise _SchemaError(f"$ref {ref!r} does not resolve")
+        return node
+
+    def normalize(self, schema: Any) -> Any:
+        """Resolve ``$ref`` and fold ``allOf``/``anyOf``/``oneOf`` into one schema."""
+        for _ in range(_SCHEMA_MAX_DEPTH):
+            if not isinstance(schema, dict):
+                if isinstance(schema, bool):
+                    return schema
+                raise _SchemaError(f"a schema must be an object or a boolean, got {schema!r}")
+            if "$ref" in schema:
+                rest = {k: v for k, v in schema.items() if k != "$ref"}
+                schema = _merge_schemas(self._deref(schema["$ref"]), rest)
+                continue
+            if "allOf" in schema:
+                parts = schema["allOf"]
+                if not isinstance(parts, list):
+                    raise _SchemaError("'allOf' must be a list of schemas")
+                merged: Any = {k: v for k, v in schema.items() if k != "allOf"}
+                for part in parts:
+                    merged = _merge_schemas(merged, self.normalize(part))
+                schema = merged
+                continue
+            for key in ("anyOf", "oneOf"):
+                if key in schema:
+                    branches = schema[key]
+                    if not isinstance(branches, list) or not branches:
+                        raise _SchemaError(f"'{key}' must be a non-empty list of schemas")
+                    rest = {k: v for k, v in schema.items() if k != key}
+                    schema = _merge_schemas(rest, self.normalize(branches[0]))
+                    break
+            else:
+                return schema
+        raise _SchemaError("$ref/allOf/anyOf nest too deeply")
+
+    # ---------------------------------------------------------------- instances
+
+    def build(self, schema: Any, key: str = "", depth: int = 0, index: int = 0) -> Any:
+        if depth > _SCHEMA_MAX_DEPTH:
+            raise _SchemaError("the schema nests too deeply (a required recursive $ref?)")
+        schema = self.normalize(schema)
+        if schema is False:
+            raise _SchemaError("a false schema has no instance")
+        if schema is True:
+            schema = {}
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            choices = schema["enum"]
+            if not isinstance(choices, list) or not choices:
+                raise _SchemaError("'enum' must be a non-empty list")
+            return choices[index % len(choices)]
+        types = _schema_types(schema)
+        real = [t for t in types if t != "null"]
+        if not real or ("null" in types and depth >= _SCHEMA_SHALLOW):
+            return None
+        kind = real[0]
+        if kind == "object":
+            return self._object(schema, depth)
+        if kind == "array":
+            return self._array(schema, key, depth)
+        if kind == "string":
+            return self._string(schema, key, index)
+        if kind in ("number", "integer"):
+            return self._number(schema, key, index, kind == "integer")
+        if kind == "boolean":
+            return True
+        raise _SchemaError(f"unknown type {kind!r}")
+
+    def _object(self, schema: dict[str, Any], depth: int) -> dict[str, Any]:
+        props = schema.get("properties") or {}
+        required = schema.get("required") or []
+        if not isinstance(props, dict) or not isinstance(required, list):
+            raise _SchemaError("'properties' must be an object and 'required' a list")
+        extra = schema.get("additionalProperties", True)
+        out: dict[str, Any] = {}
+        for name, sub in props.items():
+            if depth < _SCHEMA_SHALLOW or name in required:
+                out[name] = self.build(sub, name, depth + 1)
+        for name in required:
+            if isinstance(name, str) and name not in out:
+                if extra is False:
+                    raise _SchemaError(f"{name!r} is required but not allowed")
+                out[name] = self.build(extra, name, depth + 1)
+        wanted = schema.get("minProperties", 0)
+        if _is_number(wanted) and wanted > _SCHEMA_MAX_ITEMS:
+            raise _SchemaError(f"minProperties {wanted} is more than the simulator builds")
+        while _is_number(wanted) and len(out) < wanted and extra is not False:
+            name = f"extra_{len(out)}"
+            out[name] = self.build(extra, name, depth + 1)
+        return out
+
+    def _array(self, schema: dict[str, Any], key: str, depth: int) -> list[Any]:
+        items = schema.get("items", True)
+        prefix = schema.get("prefixItems")
+        if prefix is None and isinstance(items, list):  # draft 4 tuples
+            prefix, items = items, schema.get("additionalItems", True)
+        prefix = prefix if isinstance(prefix, list) else []
+        low = schema.get("minItems", 0)
+        high = schema.get("maxItems")
+        if not _is_number(low) or (high is not None and not _is_number(high)):
+            raise _SchemaError("'minItems' and 'maxItems' must be numbers")
+        if low > _SCHEMA_MAX_ITEMS:
+            raise _SchemaError(f"minItems {low} is more than the simulator builds")
+        count = len(prefix) or (2 if any(t in key.lower() for t in _TAG_KEYS) else 1)
+        if depth >= _SCHEMA_SHALLOW:
+            count = 0
+        count = max(int(low), count)
+        if high is not None:
+            if high < low:
+                raise _SchemaError(f"minItems {low} > maxItems {high}")
+            count = min(count, int(high))
+        if count > len(prefix) and items is False:
+            if low > len(prefix):
+                raise _SchemaError("more items are required than 'prefixItems' allows")
+            count = len(prefix)
+        return [
+            self.build(prefix[i] if i < len(prefix) else items, key, depth + 1, i)
+            for i in range(count)
+        ]
+
+    def _string(self, schema: dict[str, Any], key: str, index: int) -> str:
+        fmt = schema.get("format")
+        lowered = key.lower()
+        slug = re.sub(r"[^a-z0-9]+", "-", lowered).strip("-") or "value"
+        if fmt in _FORMAT_SAMPLES:
+            text = _FORMAT_SAMPLES[fmt]
+        elif fmt in ("uri", "url", "iri", "uri-reference", "iri-reference"):
+            text = f"https://example.com/{slug}/{self.ref}"
+        elif fmt == "uuid":
+            digest = hashlib.blake2b(f"{self.ref}/{key}/{index}".encode(), digest_size=16)
+            text = str(uuid.UUID(bytes=digest.digest()))
+        elif any(k in lowered for k in _DESCRIPTIVE_KEYS):
+            text = self.description
+        elif any(k in lowered for k in _TITLE_KEYS):
+            text = " ".join(self.description.split()[:6]).rstrip(".,;:")
+        elif any(k in lowered for k in _TAG_KEYS):
+            text = self.words[index % len(self.words)]
+        else:
+            text = f"{slug}-{self.ref}" + (f"-{index + 1}" if index else "")
+        low = schema.get("minLength", 0)
+        high = schema.get("maxLength")
+        if not _is_number(low) or (high is not None and not _is_number(high)):
+            raise _SchemaError("'minLength' and 'maxLength' must be numbers")
+        if high is not None and high < low:
+            raise _SchemaError(f"minLength {low} > maxLength {high}")
+        if low > _SCHEMA_MAX_LENGTH:
+            raise _SchemaError(f"minLength {low} is more than the simulator builds")
+        while len(text) < low:
+            text = f"{text} {text}"
+        if high is not None and len(text) > high:
+            cut = text[: int(high)]
+            # Prefer a whole word when that still leaves minLength.
+            word_cut = cut.rsplit(" ", 1)[0].rstrip(".,;:") if " " in cut else cut
+            text = word_cut if len(word_cut) >= low else cut
+        if len(text) < low:
+            text = text.ljust(int(low), "x")
+        return text
+
+    def _number(self, schema: dict[str, Any], key: str, index: int, integer: bool) -> int | float:
+        low, high = schema.get("minimum"), schema.get("maximum")
+        low_ex = high_ex = False
+        ex_low, ex_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        if ex_low is True:  # draft 4: a flag on minimum
+            low_ex = True
+        elif _is_number(ex_low) and (low is None or ex_low >= low):
+            low, low_ex = ex_low, True
+        if ex_high is True:
+            high_ex = True
+        elif _is_number(ex_high) and (high is None or ex_high <= high):
+            high, high_ex = ex_high, True
+        for bound in (low, high):
+            if bound is not None and (not _is_number(bound) or not math.isfinite(bound)):
+                raise _SchemaError("numeric bounds must be finite numbers")
+        step = schema.get("multipleOf")
+        if step is not None and (not _is_number(step) or step <= 0):
+            raise _SchemaError("'multipleOf' must be a number > 0")
+        lowered = key.lower()
+        if integer:
+            lo = None if low is None else (math.floor(low) + 1 if low_ex else math.ceil(low))
+            hi = None if high is None else (math.ceil(high) - 1 if high_ex else math.floor(high))
+            value = 1 + index
+            if lo is not None:
+                value = max(value, lo)
+            if hi is not None:
+                value = min(value, hi)
+            if step is not None:
+                value = self._multiple(value, step, lo, hi)
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise _SchemaError(f"no integer within the bounds of {key or 'a value'!r}")
+            return value
+        target = 0.9 if any(k in lowered for k in _SCORE_KEYS) else 1.5 + index
+        if step is not None:
+            target = step * max(1, math.ceil(target / step))
+        if low is not None and (target < low or (low_ex and target <= low)):
+            target = low if not low_ex else (low + high) / 2 if high is not None else low + 1
+        if high is not None and (target > high or (high_ex and target >= high)):
+            target = high if not high_ex else (low + high) / 2 if low is not None else high - 1
+        if (low is not None and (target < low or (low_ex and target <= low))) or (
+            high is not None and (target > high or (high_ex and target >= high))
+        ):
+            raise _SchemaError(f"no number within the bounds of {key or 'a value'!r}")
+        return target
+
+    @staticmethod
+    def _multiple(value: int, step: float, lo: int | None, hi: int | None) -> int:
+        """An integer multiple of ``step`` near ``value`` within [lo, hi]."""
+        if float(step).is_integer():
+            size = int(step)
+            up = -(-value // size) * size
+            if hi is None or up <= hi:
+                return up
+            down = (hi // size) * size
+            if lo is None or down >= lo:
+                return down
+            raise _SchemaError(f"no multiple of {step} within [{lo}, {hi}]")
+        for candidate in range(value, value + 10_000):  # e.g. multipleOf 0.25: 1, 2, ...
+            if hi is not None and candidate > hi:
+                break
+            if (candidate / step).is_integer():
+                return candidate
+        raise _SchemaError(f"no integer multiple of {step} found")
+
+    # ---------------------------------------------------------------- mismatches
+
+    def wrong_value(self, schema: Any) -> Any:
+        """A value that certainly does not match ``schema``, or ``_NOTHING``."""
+        try:
+            if isinstance(schema, dict) and "$ref" in schema and len(schema) == 1:
+                schema = self._deref(schema["$ref"])
+        except _SchemaError:
+            return _NOTHING
+        if not isinstance(schema, dict) or any(k in schema for k in ("anyOf", "oneOf", "allOf")):
+            return _NOTHING  # whether a value misses every branch is not worth working out
+        if "const" in schema or "enum" in schema:
+            allowed = [schema["const"]] if "const" in schema else list(schema["enum"] or [])
+            for _, sample in _TYPE_SAMPLES:
+                if not any(_same_json(sample, a) for a in allowed):
+                    return sample
+            return _NOTHING
+        if "type" not in schema:
+            return _NOTHING
+        types = _schema_types(schema)
+        for kind, sample in _TYPE_SAMPLES:
+            if kind not in types and not (kind == "integer" and "number" in types):
+                return sample
+        return _NOTHING
+
+    def mismatch(self, schema: Any, value: Any, rng: random.Random) -> Any:
+        """``value`` changed so it does not match ``schema``: a required property dropped or
+        one of the wrong type; ``_NOTHING`` when no sure way is found."""
+        if isinstance(value, dict):
+            shape = self.normalize(schema)
+            shape = shape if isinstance(shape, dict) else {}
+            props = shape.get("properties") or {}
+            required = [n for n in shape.get("required") or [] if n in value]
+            typed = [
+                (name, wrong)
+                for name in value
+                if (wrong := self.wrong_value(props.get(name))) is not _NOTHING
+            ]
+            broken = dict(value)
+            kinds = [k for k, ok in (("drop", required), ("type", typed)) if ok]
+            if kinds and rng.choice(kinds) == "drop":
+                del broken[rng.choice(required)]
+            elif typed:
+                name, wrong = rng.choice(typed)
+                broken[name] = wrong
+            elif shape.get("additionalProperties") is False and "unexpected" not in props:
+                broken["unexpected"] = True
+            else:
+                return _NOTHING
+            return broken
+        return self.wrong_value(schema)
+
+
 # --------------------------------------------------------------------------- request parsing
 
 
@@ -503,6 +939,38 @@ class _ParsedRequest:
     image_urls: list[str]
     prompt_words: int
     max_tokens: int | None
+    response_format: str | None = None  # "json_object" or "json_schema"; None: text
+    schema: dict[str, Any] | None = None  # response_format.json_schema.schema
+
+
+_RESPONSE_FORMATS: Final = ("text", "json_object", "json_schema")
+
+
+def _parse_response_format(value: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """Validate ``response_format``; return (kind, schema) with kind None for plain text."""
+    if not isinstance(value, dict):
+        raise ValueError(
+            "'response_format' must be an object such as {'type': 'json_schema', "
+            "'json_schema': {'name': ..., 'schema': {...}}}."
+        )
+    kind = value.get("type")
+    if kind not in _RESPONSE_FORMATS:
+        raise ValueError(
+            f"'response_format.type' must be one of {', '.join(_RESPONSE_FORMATS)}, got {kind!r}."
+        )
+    if kind != "json_schema":
+        return (None if kind == "text" else kind), None
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError(
+            "'response_format.json_schema' must be an object whose 'schema' is a JSON Schema "
+            "object."
+        )
+    if "name" in spec and not isinstance(spec["name"], str):
+        raise ValueError("'response_format.json_schema.name' must be a string.")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise ValueError("'response_format.json_schema.strict' must be a boolean.")
+    return kind, spec["schema"]
 
 
 def _image_url_of(part: dict[str, Any], where: str) -> str:
@@ -539,6 +1007,10 @@ def _parse_body(body: Any) -> _ParsedRequest:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"'{key}' must be a positive integer, got {value!r}.")
         max_tokens = value if max_tokens is None else min(max_tokens, value)
+    response_format: str | None = None
+    schema: dict[str, Any] | None = None
+    if body.get("response_format") is not None:
+        response_format, schema = _parse_response_format(body["response_format"])
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' is required and must be a non-empty list.")
@@ -585,7 +1057,7 @@ def _parse_body(body: Any) -> _ParsedRequest:
             "A message with role 'user' whose content list has at least one "
             "{'type': 'text'} part and one {'type': 'image_url'} part is required."
         )
-    return _ParsedRequest(model, image_urls, prompt_words, max_tokens)
+    return _ParsedRequest(model, image_urls, prompt_words, max_tokens, response_format, schema)
 
 
 # --------------------------------------------------------------------------- the server
@@ -684,6 +1156,8 @@ class _Region:
         self.invalid_401 = 0
         self.by_tier: Counter[str] = Counter()
         self.by_header: Counter[str] = Counter()
+        self.structured = 0
+        self.schema_mismatches = 0
 
     def snapshot(self, regions: dict[str, SimStats] | None = None) -> SimStats:
         return SimStats(
@@ -697,6 +1171,8 @@ class _Region:
             invalid_token_401=self.invalid_401,
             by_tier=dict(self.by_tier),
             by_header=dict(self.by_header),
+            structured=self.structured,
+            schema_mismatches_sent=self.schema_mismatches,
             regions=regions if regions is not None else {},
         )
 
@@ -1160,13 +1636,23 @@ class Simulator:
             descriptions.append(text)
             keys.append(key)
 
+        answer = " ".join(descriptions)
+        mismatched = False
+        if parsed.response_format is not None:
+            try:
+                answer, mismatched = self._structured(parsed, answer, cfg)
+            except _SchemaError as exc:
+                return _bad_request(f"'response_format.json_schema.schema': {exc}.")
+
         # 7. latency
         await self._sleep(cfg, region, factor)
 
         # 8. the completion
         region.unique_images.update(keys)
         region.by_tier[tier] += 1
-        answer = " ".join(descriptions)
+        if parsed.schema is not None:
+            region.structured += 1
+            region.schema_mismatches += mismatched
         words = answer.split()
         finish_reason = "stop"
         if parsed.max_tokens is not None and parsed.max_tokens < len(words):
@@ -1194,6 +1680,19 @@ class Simulator:
             },
         }
         return _json_response(200, _dumps(completion))
+
+    def _structured(self, parsed: _ParsedRequest, text: str, cfg: SimConfig) -> tuple[str, bool]:
+        """The JSON answer to a structured request, and whether it deliberately mismatches."""
+        if parsed.schema is None:  # json_object
+            return json.dumps({"description": text}, ensure_ascii=False), False
+        filler = _SchemaFiller(parsed.schema, text)
+        value = filler.build(parsed.schema)
+        mismatched = False
+        if cfg.schema_mismatch_rate > 0 and self._rng.random() < cfg.schema_mismatch_rate:
+            broken = filler.mismatch(parsed.schema, value, self._rng)
+            if broken is not _NOTHING:
+                value, mismatched = broken, True
+        return json.dumps(value, ensure_ascii=False), mismatched
 
     async def _sleep(self, cfg: SimConfig, region: _Region, factor: float = 1.0) -> None:
         rc = region.config
@@ -1373,6 +1872,13 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
         help="Flex PayGo answers take this many times the latency (default 3)",
     )
     group.add_argument(
+        "--schema-mismatch-rate",
+        dest="sim_schema_mismatch_rate",
+        type=float,
+        default=None,
+        help="share of json_schema answers that deliberately do not match the schema (0..1)",
+    )
+    group.add_argument(
         "--seed",
         dest="sim_seed",
         type=int,
@@ -1411,6 +1917,7 @@ def sim_config_from_args(ns: argparse.Namespace) -> SimConfig:
         flex_rate_limit_rps=getattr(ns, "sim_flex_rate_limit_rps", None),
         priority_rate_limit_rps=getattr(ns, "sim_priority_rate_limit_rps", None),
         provisioned_rps=getattr(ns, "sim_provisioned_rps", None),
+        schema_mismatch_rate=arg("schema_mismatch_rate", 0.0),
     )
 
 
