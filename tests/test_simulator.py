@@ -606,6 +606,7 @@ async def test_image_cache_is_bounded(sim: Simulator, http: aiohttp.ClientSessio
         {"max_concurrency": 0},
         {"error_rate": 1.5},
         {"reset_rate": -0.1},
+        {"schema_mismatch_rate": 2.0},
         {"record_requests": -1},
         {"static_token": ""},
     ],
@@ -648,6 +649,8 @@ def test_cli_arguments_round_trip() -> None:
             "0.1",
             "--reset-rate",
             "0.05",
+            "--schema-mismatch-rate",
+            "0.25",
             "--require-token",
             "tok",
             "--seed",
@@ -670,6 +673,7 @@ def test_cli_arguments_round_trip() -> None:
         max_concurrency=3,
         error_rate=0.1,
         reset_rate=0.05,
+        schema_mismatch_rate=0.25,
         require_token=True,
         static_token="tok",
         seed=42,
@@ -1153,3 +1157,104 @@ async def test_structured_answer_truncated_by_max_tokens(client: openai.AsyncOpe
     completion = await create(client, response_format=response_format, max_tokens=3)
     assert completion.choices[0].finish_reason == "length"
     assert completion.choices[0].message.content == '{"caption": "A 64x48'
+
+
+# --------------------------------------------------------------------------- generation settings
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        pytest.param({"temperature": "hot"}, "temperature", id="temperature-type"),
+        pytest.param({"temperature": -0.1}, "temperature", id="temperature-low"),
+        pytest.param({"temperature": 2.5}, "temperature", id="temperature-high"),
+        pytest.param({"temperature": True}, "temperature", id="temperature-bool"),
+        pytest.param({"top_p": 0}, "top_p", id="top-p-zero"),
+        pytest.param({"top_p": 1.5}, "top_p", id="top-p-high"),
+        pytest.param({"top_p": "0.5"}, "top_p", id="top-p-type"),
+        pytest.param({"seed": 1.5}, "seed", id="seed-float"),
+        pytest.param({"seed": "7"}, "seed", id="seed-string"),
+        pytest.param({"seed": False}, "seed", id="seed-bool"),
+        pytest.param({"stop": 5}, "stop", id="stop-type"),
+        pytest.param({"stop": ["a", "b", "c", "d", "e"]}, "stop", id="stop-five"),
+        pytest.param({"stop": []}, "stop", id="stop-empty-list"),
+        pytest.param({"stop": [1]}, "stop", id="stop-item-type"),
+        pytest.param({"stop": ""}, "stop", id="stop-empty-string"),
+        pytest.param({"max_completion_tokens": 0}, "max_completion_tokens", id="max-tokens-0"),
+    ],
+)
+async def test_bad_generation_settings_get_400(
+    sim: Simulator, http: aiohttp.ClientSession, settings: dict[str, Any], field: str
+) -> None:
+    status, data, _ = await post(http, f"{sim.base_url}/chat/completions", body(**settings))
+    assert status == 400
+    error = data[0]["error"]
+    assert error["status"] == "INVALID_ARGUMENT"
+    assert f"'{field}'" in error["message"]
+    assert sim.stats().settings_seen == {}
+
+
+async def test_valid_generation_settings_are_echoed_in_stats(
+    sim: Simulator, client: openai.AsyncOpenAI, http: aiohttp.ClientSession
+) -> None:
+    completion = await create(client, temperature=0.2, max_tokens=50, seed=7, stop=["."])
+    assert completion.choices[0].finish_reason == "stop"
+    await create(client, temperature=0.2, top_p=1, seed=-3, stop="\n")
+    await create(client, temperature=0, top_p=0.01, max_completion_tokens=9)
+    await create(client, temperature=2.0)
+    await create(client, temperature=None)  # null: as if absent
+    expected = {
+        "temperature=0.2": 2,
+        "temperature=0": 1,
+        "temperature=2.0": 1,
+        "max_tokens=50": 1,
+        "max_completion_tokens=9": 1,
+        "seed=7": 1,
+        "seed=-3": 1,
+        'stop=["."]': 1,
+        'stop="\\n"': 1,
+        "top_p=1": 1,
+        "top_p=0.01": 1,
+    }
+    stats = sim.stats()
+    assert stats.settings_seen == expected
+    async with http.get(f"{sim.root_url}/stats") as resp:
+        data = await resp.json()
+    assert data["settings_seen"] == expected
+    assert SimStats.from_json(data) == stats
+    # the recorded requests keep the bodies as sent
+    assert sim.requests[-3].body["top_p"] == 0.01
+
+
+async def test_stop_cuts_the_answer(client: openai.AsyncOpenAI) -> None:
+    completion = await create(client, stop=",")
+    assert completion.choices[0].message.content == "A 64x48 PNG image"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == 4
+    # the first occurrence of any of the strings
+    completion = await create(client, stop=["mostly", "PNG", "zebra"])
+    assert completion.choices[0].message.content == "A 64x48 "
+    assert completion.usage.completion_tokens == 2
+    # not found: the whole answer
+    completion = await create(client, stop=["zebra"])
+    assert completion.choices[0].message.content == DESCRIPTION
+    # max_tokens still applies to what is left
+    completion = await create(client, stop=",", max_tokens=2)
+    assert completion.choices[0].message.content == "A 64x48"
+    assert completion.choices[0].finish_reason == "length"
+    completion = await create(client, stop=",", max_tokens=4)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+async def test_settings_seen_is_bounded(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    from worker import simulator as mod
+
+    url = f"{sim.base_url}/chat/completions"
+    region = sim._main
+    region.count_settings(tuple(("seed", int, i) for i in range(mod._SETTINGS_SEEN_LIMIT)))
+    assert (await post(http, url, body(seed=123456789)))[0] == 200
+    assert (await post(http, url, body(seed=3)))[0] == 200  # already known: counted as itself
+    seen = sim.stats().settings_seen
+    assert len(seen) == mod._SETTINGS_SEEN_LIMIT + 1
+    assert seen["seed=<other>"] == 1
+    assert seen["seed=3"] == 2

@@ -328,6 +328,9 @@ class SimStats:
     by_header: dict[str, int] = field(default_factory=dict)
     structured: int = 0  # answers to response_format json_schema requests
     schema_mismatches_sent: int = 0  # of which deliberately did not match the schema
+    #: Generation settings received in valid requests, as ``name=value`` with the value in
+    #: compact JSON: ``temperature=0.2``, ``max_tokens=50``, ``stop=["."]``.
+    settings_seen: dict[str, int] = field(default_factory=dict)
     #: Each extra region's own counters (the fields above are the main port's).
     regions: dict[str, SimStats] = field(default_factory=dict)
 
@@ -346,6 +349,7 @@ class SimStats:
             "by_header": dict(sorted(self.by_header.items())),
             "structured": self.structured,
             "schema_mismatches_sent": self.schema_mismatches_sent,
+            "settings_seen": dict(sorted(self.settings_seen.items())),
             "regions": {name: stats.to_json() for name, stats in sorted(self.regions.items())},
         }
 
@@ -365,6 +369,7 @@ class SimStats:
             by_header={str(k): int(v) for k, v in dict(data.get("by_header", {})).items()},
             structured=int(data.get("structured", 0)),
             schema_mismatches_sent=int(data.get("schema_mismatches_sent", 0)),
+            settings_seen={str(k): int(v) for k, v in dict(data.get("settings_seen", {})).items()},
             regions={
                 str(name): cls.from_json(dict(stats))
                 for name, stats in dict(data.get("regions", {})).items()
@@ -941,6 +946,9 @@ class _ParsedRequest:
     max_tokens: int | None
     response_format: str | None = None  # "json_object" or "json_schema"; None: text
     schema: dict[str, Any] | None = None  # response_format.json_schema.schema
+    stop: tuple[str, ...] = ()
+    #: Generation settings as received, keyed for SimStats.settings_seen: (name, type, value).
+    settings: tuple[tuple[str, type, Any], ...] = ()
 
 
 _RESPONSE_FORMATS: Final = ("text", "json_object", "json_schema")
@@ -990,6 +998,38 @@ def _image_url_of(part: dict[str, Any], where: str) -> str:
     return raw
 
 
+_SETTINGS: Final = ("temperature", "top_p", "seed", "stop")
+_MAX_STOP_STRINGS: Final = 4
+
+
+def _check_setting(key: str, value: Any) -> tuple[str, ...]:
+    """Validate one generation setting; return the stop strings when ``key`` is 'stop'."""
+    if key == "temperature":
+        if not _is_number(value) or not 0.0 <= value <= 2.0:
+            raise ValueError(f"'temperature' must be a number between 0 and 2, got {value!r}.")
+    elif key == "top_p":
+        if not _is_number(value) or not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"'top_p' must be a number greater than 0 and at most 1, got {value!r}."
+            )
+    elif key == "seed":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"'seed' must be an integer, got {value!r}.")
+    elif key == "stop":
+        strings = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(strings, list)
+            or not 1 <= len(strings) <= _MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in strings)
+        ):
+            raise ValueError(
+                "'stop' must be a non-empty string or a list of 1 to "
+                f"{_MAX_STOP_STRINGS} non-empty strings, got {value!r}."
+            )
+        return tuple(strings)
+    return ()
+
+
 def _parse_body(body: Any) -> _ParsedRequest:
     """Validate a chat completions request body; raise ValueError with the problem."""
     if not isinstance(body, dict):
@@ -1000,6 +1040,7 @@ def _parse_body(body: Any) -> _ParsedRequest:
     if body.get("stream"):
         raise ValueError("'stream': true is not supported by the simulator.")
     max_tokens: int | None = None
+    settings: list[tuple[str, type, Any]] = []
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
         if value is None:
@@ -1007,6 +1048,14 @@ def _parse_body(body: Any) -> _ParsedRequest:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"'{key}' must be a positive integer, got {value!r}.")
         max_tokens = value if max_tokens is None else min(max_tokens, value)
+        settings.append((key, int, value))
+    stop: tuple[str, ...] = ()
+    for key in _SETTINGS:
+        value = body.get(key)
+        if value is not None:
+            stop = _check_setting(key, value) or stop
+            hashable = tuple(value) if isinstance(value, list) else value
+            settings.append((key, type(value), hashable))
     response_format: str | None = None
     schema: dict[str, Any] | None = None
     if body.get("response_format") is not None:
@@ -1057,7 +1106,16 @@ def _parse_body(body: Any) -> _ParsedRequest:
             "A message with role 'user' whose content list has at least one "
             "{'type': 'text'} part and one {'type': 'image_url'} part is required."
         )
-    return _ParsedRequest(model, image_urls, prompt_words, max_tokens, response_format, schema)
+    return _ParsedRequest(
+        model,
+        image_urls,
+        prompt_words,
+        max_tokens,
+        response_format,
+        schema,
+        stop,
+        tuple(settings),
+    )
 
 
 # --------------------------------------------------------------------------- the server
@@ -1128,6 +1186,10 @@ class _Bucket:
         return False
 
 
+_SETTINGS_SEEN_LIMIT: Final = 1000
+_OTHER: Final = "<other>"
+
+
 class _Region:
     """One listening port with its own buckets and counters (the main port is one too)."""
 
@@ -1158,6 +1220,27 @@ class _Region:
         self.by_header: Counter[str] = Counter()
         self.structured = 0
         self.schema_mismatches = 0
+        # Keyed by (name, type, value) and formatted only by snapshot(): the hot path only
+        # hashes.  The type keeps 1 and 1.0 apart (equal, and equally hashed, in Python).
+        self.settings_seen: Counter[tuple[str, type, Any]] = Counter()
+
+    def count_settings(self, settings: tuple[tuple[str, type, Any], ...]) -> None:
+        seen = self.settings_seen
+        for key in settings:
+            if key not in seen and len(seen) >= _SETTINGS_SEEN_LIMIT:  # e.g. a seed per request
+                key = (key[0], type(None), _OTHER)
+            seen[key] += 1
+
+    def settings_json(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for (name, _, value), count in self.settings_seen.items():
+            shown = (
+                value
+                if value is _OTHER
+                else _dumps(list(value) if isinstance(value, tuple) else value).decode()
+            )
+            out[f"{name}={shown}"] += count
+        return dict(out)
 
     def snapshot(self, regions: dict[str, SimStats] | None = None) -> SimStats:
         return SimStats(
@@ -1173,6 +1256,7 @@ class _Region:
             by_header=dict(self.by_header),
             structured=self.structured,
             schema_mismatches_sent=self.schema_mismatches,
+            settings_seen=self.settings_json(),
             regions=regions if regions is not None else {},
         )
 
@@ -1626,6 +1710,8 @@ class Simulator:
             parsed = _parse_body(body)
         except ValueError as exc:
             return _bad_request(str(exc))
+        if parsed.settings:
+            region.count_settings(parsed.settings)
         descriptions: list[str] = []
         keys: list[bytes] = []
         for url in parsed.image_urls:
@@ -1653,6 +1739,11 @@ class Simulator:
         if parsed.schema is not None:
             region.structured += 1
             region.schema_mismatches += mismatched
+        if parsed.stop:
+            # The model stops before the first stop string; finish_reason stays "stop".
+            cut = min((i for i in map(answer.find, parsed.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                answer = answer[:cut]
         words = answer.split()
         finish_reason = "stop"
         if parsed.max_tokens is not None and parsed.max_tokens < len(words):
