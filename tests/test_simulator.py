@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import random
 import re
 import statistics
 import time
@@ -16,12 +17,17 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from worker.simulator import (
+    _NOTHING,
     SimConfig,
     SimStats,
     Simulator,
+    _SchemaError,
+    _SchemaFiller,
     add_simulator_arguments,
     serve_simulator,
     sim_config_from_args,
@@ -964,6 +970,136 @@ async def test_structured_output_matches_the_schema(
     # deterministic: the same image and schema give the same answer
     again = await post(http, f"{sim.base_url}/chat/completions", structured_body(schema))
     assert again[1]["choices"][0]["message"]["content"] == content
+
+
+_KEYWORDS = st.sampled_from(
+    [
+        "type", "properties", "required", "additionalProperties", "enum", "const", "format",
+        "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+        "multipleOf", "items", "prefixItems", "minItems", "maxItems", "minProperties",
+        "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "description", "tags",
+    ]
+)  # fmt: skip
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-100, 100)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.sampled_from(
+        [
+            *("object", "string", "number", "integer", "boolean", "null", "array", "bogus"),
+            *("#", "#/$defs/a", "#/definitions/b", "#/properties", "date-time", "uri", "uuid"),
+        ]
+    )
+)
+_JUNK = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(_KEYWORDS | st.sampled_from(["a", "b"]), inner, max_size=5)
+    ),
+    max_leaves=40,
+)
+_HYPOTHESIS = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@_HYPOTHESIS
+@given(_JUNK)
+def test_schema_filler_never_fails_but_with_a_schema_error(schema: Any) -> None:
+    root = schema if isinstance(schema, dict) else {}
+    filler = _SchemaFiller(root, DESCRIPTION)
+    try:
+        value = filler.build(schema)
+        json.dumps(value)
+        filler.mismatch(schema, value, random.Random(0))
+    except _SchemaError:
+        pass
+
+
+def _scalar_schemas() -> st.SearchStrategy[dict[str, Any]]:
+    bound = st.integers(-20, 20)
+    return st.one_of(
+        st.builds(
+            lambda lo, extra, fmt: (
+                {"type": "string", "minLength": lo, "maxLength": lo + extra}
+                | ({"format": fmt} if fmt else {})
+            ),
+            st.integers(0, 30),
+            st.integers(0, 30),
+            st.sampled_from([None, "date-time", "uri"]),
+        ),
+        st.builds(
+            lambda kind, lo, hi, ex_lo, ex_hi, step: (
+                {
+                    "type": kind,
+                    ("exclusiveMinimum" if ex_lo else "minimum"): min(lo, hi),
+                    ("exclusiveMaximum" if ex_hi else "maximum"): max(lo, hi),
+                }
+                | ({"multipleOf": step} if step and kind == "integer" else {})
+            ),
+            st.sampled_from(["integer", "number"]),
+            bound,
+            bound,
+            st.booleans(),
+            st.booleans(),
+            st.none() | st.integers(1, 6),
+        ),
+        st.builds(lambda kinds: {"type": kinds}, st.permutations(["string", "null"])),
+        st.just({"type": "boolean"}),
+        st.just({"type": "null"}),
+        st.builds(lambda v: {"enum": v}, st.lists(st.integers() | st.text(max_size=3), min_size=1)),
+        st.builds(lambda v: {"const": v}, st.integers() | st.text(max_size=3) | st.booleans()),
+    )
+
+
+def _compound(inner: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    names = st.sampled_from(["description", "title", "tags", "count", "x", "y"])
+    return st.one_of(
+        st.builds(
+            lambda props, required, closed: {
+                "type": "object",
+                "properties": props,
+                "required": [n for n in props if n in required],
+                "additionalProperties": not closed,
+            },
+            st.dictionaries(names, inner, max_size=4),
+            st.sets(names),
+            st.booleans(),
+        ),
+        st.builds(
+            lambda items, lo, extra: {
+                "type": "array",
+                "items": items,
+                "minItems": lo,
+                "maxItems": lo + extra,
+            },
+            inner,
+            st.integers(0, 3),
+            st.integers(0, 3),
+        ),
+        st.builds(lambda a, b: {"anyOf": [a, b]}, inner, inner),
+    )
+
+
+@_HYPOTHESIS
+@given(st.recursive(_scalar_schemas(), _compound, max_leaves=12), st.booleans(), st.integers(0, 3))
+def test_schema_filler_builds_matching_and_breaks_for_sure(
+    schema: Any, by_ref: bool, seed: int
+) -> None:
+    if by_ref:
+        schema = {"$defs": {"D": schema}, "$ref": "#/$defs/D"}
+    filler = _SchemaFiller(schema, DESCRIPTION)
+    try:
+        value = filler.build(schema)
+    except _SchemaError:
+        return  # e.g. no multiple of 4 between 1 and 3
+    assert schema_errors(value, schema) == [], (schema, value)
+    broken = filler.mismatch(schema, value, random.Random(seed))
+    if broken is not _NOTHING:
+        assert schema_errors(broken, schema), (schema, broken)
 
 
 async def test_structured_strings_are_meaningful(

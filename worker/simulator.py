@@ -10,7 +10,60 @@ expired OAuth tokens.
 
 It is built to be cheap per request because it shares the machine with the worker under
 test during benchmarks: Pillow only runs for ``data:`` URLs, and decoded descriptions are
-cached by a hash of the URL string.
+cached by a hash of the URL string.  Each feature below is off until configured or asked for
+by a request, and then costs a couple of header and dict look-ups per request at most.
+
+**Rate-limit headers** (``ratelimit_headers``).  With a token bucket (``rate_limit_rps``),
+every chat answer, 200, 429 or error, carries OpenAI's ``x-ratelimit-limit-requests`` (the
+rate per minute), ``x-ratelimit-remaining-requests`` (whole tokens left) and
+``x-ratelimit-reset-requests`` (time until the bucket is full, in Go's format as OpenAI sends
+it: ``20ms``, ``1.5s``, ``6m0s``).  They describe the standard bucket of the port that
+answers, whichever tier served the request.  ``rate_initial`` starts buckets below full;
+``retry_after_exact`` makes a bucket's 429 say in ``retry-after-ms`` when its next token is
+due, instead of the fixed ``retry_after_s``.
+
+**Regions** (``regions``).  Each :class:`RegionConfig` listens on a loopback port of its own
+(``Simulator.region_base_url(name)``, a Vertex-shaped URL whose location is the region's
+name) with its own token bucket, latency, tier buckets and counters; errors, resets, auth and
+the recorded requests are shared with the main port, which stays the default region and
+works as before.  ``stop_region`` makes a region dead: its port is closed (connections are
+refused) and its open connections are reset; ``start_region`` brings it back on the same
+port.  On the main port, ``POST /control/regions/{name}/down`` and ``/up`` do the same, and
+``GET /stats`` holds each region's counters under ``regions``.
+
+**Consumption tiers**, from Vertex's request headers (names and values case-insensitive):
+
+* ``X-Vertex-AI-LLM-Shared-Request-Type: flex``: Flex PayGo, on the global endpoint only (a
+  region named ``global``, or ``locations/global`` in the path), else 400 INVALID_ARGUMENT.
+  Latency times ``flex_latency_factor``; its own bucket ``flex_rate_limit_rps`` (None:
+  unlimited).
+* ``X-Vertex-AI-LLM-Shared-Request-Type: priority``: Priority PayGo, served like standard
+  but counted apart, from its own bucket ``priority_rate_limit_rps`` if set, else from the
+  standard one.
+* Provisioned Throughput (``provisioned_rps``, per region): without
+  ``X-Vertex-AI-LLM-Request-Type`` PT serves first and spills over to pay-as-you-go (the
+  standard bucket, or the flex or priority one the other header asks for); ``dedicated``
+  means PT only, 429 RESOURCE_EXHAUSTED once it is spent, as Vertex documents; ``shared``
+  bypasses PT.  ``dedicated`` when the project has no PT at all is not documented by Vertex:
+  the simulator answers 400 FAILED_PRECONDITION (the google.rpc status for a request that
+  cannot succeed until the system's state changes, here until PT is bought), so a client
+  sees a permanent error, not a 429 it would retry for ever.
+* Other header values get 400 INVALID_ARGUMENT naming the header.  ``SimStats.by_tier``
+  counts answers by the tier that served them, ``by_header`` the header values seen.
+
+**Structured output.**  A ``response_format`` of type ``json_schema`` is answered with JSON
+built from the schema (the keywords honoured are listed on ``_SchemaFiller``): text-like
+properties (``description``, ``caption``, ``summary``, ...) hold the image description,
+others short deterministic values.  ``json_object`` is answered ``{"description": ...}``.
+``schema_mismatch_rate`` breaks that share of json_schema answers on purpose (a required
+property dropped, or one of the wrong type), deterministically under ``seed``.  A malformed
+``response_format``, or a schema the simulator cannot honour, gets 400 INVALID_ARGUMENT.
+
+**Generation settings.**  ``temperature`` (0 to 2), ``top_p`` (above 0, at most 1), ``seed``
+(an integer), ``stop`` (a string or a list of up to 4) and ``max_tokens`` /
+``max_completion_tokens`` are validated, with 400 INVALID_ARGUMENT naming the field; the
+answer is cut before the first stop string.  ``SimStats.settings_seen`` counts them as
+``name=value`` with the value in compact JSON (``temperature=0.2``, ``stop=["."]``).
 """
 
 from __future__ import annotations
@@ -74,6 +127,7 @@ _MSG_401: Final = (
     "https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
 _MSG_500: Final = "Internal error encountered."
+_MSG_503: Final = "The service is currently unavailable."
 _MSG_FLEX_GLOBAL: Final = (
     "Flex PayGo (X-Vertex-AI-LLM-Shared-Request-Type: flex) is only available on the global "
     "endpoint (locations/global); it does not support regional or multi-regional endpoints."
@@ -82,7 +136,6 @@ _MSG_NO_PT: Final = (
     "X-Vertex-AI-LLM-Request-Type: dedicated asks to be served by Provisioned Throughput "
     "only, but the project has no Provisioned Throughput for this model in this location."
 )
-_MSG_503: Final = "The service is currently unavailable."
 
 
 def _dumps(obj: Any) -> bytes:
@@ -202,8 +255,8 @@ class SimConfig:
     latency_sigma: float = 0.5
     rate_limit_rps: float | None = None
     rate_burst: float | None = None
-    #: Tokens in the bucket when it is first used (None: full), e.g. to start a minute-deep
-    #: bucket nearly empty.
+    #: Tokens in each port's standard bucket when it is first used (None: full), e.g. to
+    #: start a minute-deep bucket nearly empty.
     rate_initial: float | None = None
     retry_after_s: float | None = None
     #: A 429 from a token bucket says exactly when the next token is due (``retry-after-ms``)
@@ -522,6 +575,9 @@ _SCHEMA_MAX_DEPTH: Final = 48
 _SCHEMA_SHALLOW: Final = 6
 _SCHEMA_MAX_ITEMS: Final = 10_000  # minItems / minProperties beyond this are refused
 _SCHEMA_MAX_LENGTH: Final = 100_000  # and minLength beyond this
+# Values built per answer (a string counts one per 100 characters): nested minItems must not
+# make the simulator build millions of values.
+_SCHEMA_BUDGET: Final = 100_000
 _DESCRIPTIVE_KEYS: Final = (
     "description", "caption", "summary", "alt", "text", "content", "narrative", "explanation",
 )  # fmt: skip
@@ -586,6 +642,18 @@ def _same_json(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+def _size(schema: dict[str, Any], key: str, limit: int) -> int | None:
+    """A length keyword (minItems, maxLength, ...) as an int; None when absent."""
+    value = schema.get(key)
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise _SchemaError(f"'{key}' must be a number >= 0, got {value!r}")
+    if key.startswith("min") and value > limit:
+        raise _SchemaError(f"{key} {value} is more than the simulator builds")
+    return int(math.ceil(value) if key.startswith("min") else math.floor(value))
+
+
 def _merge_schemas(a: Any, b: Any) -> Any:
     """Both ``a`` and ``b`` (an ``allOf`` of two), as one schema, as far as generation needs."""
     if a is True or a == {}:
@@ -604,7 +672,7 @@ def _merge_schemas(a: Any, b: Any) -> Any:
                 props[name] = _merge_schemas(props[name], sub) if name in props else sub
             out[key] = props
         elif key == "required" and isinstance(value, list) and isinstance(out[key], list):
-            out[key] = list(dict.fromkeys([*out[key], *value]))
+            out[key] = [*out[key], *(name for name in value if name not in out[key])]
         elif key == "type":
             mine, theirs = _schema_types(out), _schema_types(b)
             both = [t for t in mine if t in theirs]
@@ -617,9 +685,11 @@ def _merge_schemas(a: Any, b: Any) -> Any:
             out[key] = list(dict.fromkeys(both))
         elif key == "enum" and isinstance(value, list) and isinstance(out[key], list):
             out[key] = [v for v in out[key] if any(_same_json(v, w) for w in value)]
-        elif key in ("minimum", "minLength", "minItems", "minProperties") and _is_number(value):
+        elif not (_is_number(value) and _is_number(out[key])):
+            pass  # keep a's; the builder reports it if it is not a number
+        elif key in ("minimum", "minLength", "minItems", "minProperties"):
             out[key] = max(out[key], value)
-        elif key in ("maximum", "maxLength", "maxItems", "maxProperties") and _is_number(value):
+        elif key in ("maximum", "maxLength", "maxItems", "maxProperties"):
             out[key] = min(out[key], value)
         elif key == "additionalProperties" and value is False:
             out[key] = False
@@ -639,6 +709,7 @@ class _SchemaFiller:
     def __init__(self, root: dict[str, Any], description: str) -> None:
         self.root = root
         self.description = description
+        self.budget = _SCHEMA_BUDGET
         self.ref = hashlib.blake2b(description.encode(), digest_size=3).hexdigest()
         words = [w.strip(".,;:()#").lower() for w in description.split()]
         self.words = [w for w in words if w.isalpha() and w not in _STOP_WORDS] or ["image"]
@@ -699,6 +770,9 @@ class _SchemaFiller:
     def build(self, schema: Any, key: str = "", depth: int = 0, index: int = 0) -> Any:
         if depth > _SCHEMA_MAX_DEPTH:
             raise _SchemaError("the schema nests too deeply (a required recursive $ref?)")
+        self.budget -= 1
+        if self.budget < 0:
+            raise _SchemaError("the smallest instance is larger than the simulator builds")
         schema = self.normalize(schema)
         if schema is False:
             raise _SchemaError("a false schema has no instance")
@@ -743,10 +817,8 @@ class _SchemaFiller:
                 if extra is False:
                     raise _SchemaError(f"{name!r} is required but not allowed")
                 out[name] = self.build(extra, name, depth + 1)
-        wanted = schema.get("minProperties", 0)
-        if _is_number(wanted) and wanted > _SCHEMA_MAX_ITEMS:
-            raise _SchemaError(f"minProperties {wanted} is more than the simulator builds")
-        while _is_number(wanted) and len(out) < wanted and extra is not False:
+        wanted = _size(schema, "minProperties", _SCHEMA_MAX_ITEMS) or 0
+        while len(out) < wanted and extra is not False:
             name = f"extra_{len(out)}"
             out[name] = self.build(extra, name, depth + 1)
         return out
@@ -757,20 +829,16 @@ class _SchemaFiller:
         if prefix is None and isinstance(items, list):  # draft 4 tuples
             prefix, items = items, schema.get("additionalItems", True)
         prefix = prefix if isinstance(prefix, list) else []
-        low = schema.get("minItems", 0)
-        high = schema.get("maxItems")
-        if not _is_number(low) or (high is not None and not _is_number(high)):
-            raise _SchemaError("'minItems' and 'maxItems' must be numbers")
-        if low > _SCHEMA_MAX_ITEMS:
-            raise _SchemaError(f"minItems {low} is more than the simulator builds")
+        low = _size(schema, "minItems", _SCHEMA_MAX_ITEMS) or 0
+        high = _size(schema, "maxItems", _SCHEMA_MAX_ITEMS)
         count = len(prefix) or (2 if any(t in key.lower() for t in _TAG_KEYS) else 1)
         if depth >= _SCHEMA_SHALLOW:
             count = 0
-        count = max(int(low), count)
+        count = max(low, count)
         if high is not None:
             if high < low:
                 raise _SchemaError(f"minItems {low} > maxItems {high}")
-            count = min(count, int(high))
+            count = min(count, high)
         if count > len(prefix) and items is False:
             if low > len(prefix):
                 raise _SchemaError("more items are required than 'prefixItems' allows")
@@ -782,16 +850,36 @@ class _SchemaFiller:
 
     def _string(self, schema: dict[str, Any], key: str, index: int) -> str:
         fmt = schema.get("format")
+        fmt = fmt if isinstance(fmt, str) else None
         lowered = key.lower()
         slug = re.sub(r"[^a-z0-9]+", "-", lowered).strip("-") or "value"
-        if fmt in _FORMAT_SAMPLES:
-            text = _FORMAT_SAMPLES[fmt]
+        low = _size(schema, "minLength", _SCHEMA_MAX_LENGTH) or 0
+        high = _size(schema, "maxLength", _SCHEMA_MAX_LENGTH)
+        if high is not None and high < low:
+            raise _SchemaError(f"minLength {low} > maxLength {high}")
+        formatted: tuple[str, ...] = ()
+        if fmt == "date-time":  # longer and longer spellings of the same instant
+            formatted = (
+                "2024-05-01T12:00:00Z",
+                "2024-05-01T12:00:00.000Z",
+                "2024-05-01T12:00:00.000000Z",
+                "2024-05-01T12:00:00.000000+00:00",
+            )
+        elif fmt in _FORMAT_SAMPLES:
+            formatted = (_FORMAT_SAMPLES[fmt],)
         elif fmt in ("uri", "url", "iri", "uri-reference", "iri-reference"):
-            text = f"https://example.com/{slug}/{self.ref}"
+            uri = f"https://example.com/{slug}/{self.ref}"
+            padded = "http://a.io/" + "x" * max(0, low - 12)
+            formatted = (uri, "https://example.com", "http://a.io", padded)
         elif fmt == "uuid":
             digest = hashlib.blake2b(f"{self.ref}/{key}/{index}".encode(), digest_size=16)
-            text = str(uuid.UUID(bytes=digest.digest()))
-        elif any(k in lowered for k in _DESCRIPTIVE_KEYS):
+            formatted = (str(uuid.UUID(bytes=digest.digest())),)
+        if formatted:  # padding or cutting would break the format
+            for text in formatted:
+                if len(text) >= low and (high is None or len(text) <= high):
+                    return text
+            raise _SchemaError(f"no {fmt} string fits minLength {low} and maxLength {high}")
+        if any(k in lowered for k in _DESCRIPTIVE_KEYS):
             text = self.description
         elif any(k in lowered for k in _TITLE_KEYS):
             text = " ".join(self.description.split()[:6]).rstrip(".,;:")
@@ -799,42 +887,42 @@ class _SchemaFiller:
             text = self.words[index % len(self.words)]
         else:
             text = f"{slug}-{self.ref}" + (f"-{index + 1}" if index else "")
-        low = schema.get("minLength", 0)
-        high = schema.get("maxLength")
-        if not _is_number(low) or (high is not None and not _is_number(high)):
-            raise _SchemaError("'minLength' and 'maxLength' must be numbers")
-        if high is not None and high < low:
-            raise _SchemaError(f"minLength {low} > maxLength {high}")
-        if low > _SCHEMA_MAX_LENGTH:
-            raise _SchemaError(f"minLength {low} is more than the simulator builds")
+        self.budget -= low // 100
+        if self.budget < 0:
+            raise _SchemaError("the smallest instance is larger than the simulator builds")
         while len(text) < low:
             text = f"{text} {text}"
         if high is not None and len(text) > high:
-            cut = text[: int(high)]
+            cut = text[:high]
             # Prefer a whole word when that still leaves minLength.
             word_cut = cut.rsplit(" ", 1)[0].rstrip(".,;:") if " " in cut else cut
             text = word_cut if len(word_cut) >= low else cut
         if len(text) < low:
-            text = text.ljust(int(low), "x")
+            text = text.ljust(low, "x")
         return text
 
     def _number(self, schema: dict[str, Any], key: str, index: int, integer: bool) -> int | float:
+        for name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"):
+            bound = schema.get(name)
+            if bound is None or (bound is True and name.startswith("exclusive")):
+                continue
+            if bound is False and name.startswith("exclusive"):
+                continue
+            if not _is_number(bound) or not math.isfinite(bound):
+                raise _SchemaError(f"'{name}' must be a finite number, got {bound!r}")
         low, high = schema.get("minimum"), schema.get("maximum")
         low_ex = high_ex = False
         ex_low, ex_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
         if ex_low is True:  # draft 4: a flag on minimum
-            low_ex = True
+            low_ex = low is not None
         elif _is_number(ex_low) and (low is None or ex_low >= low):
             low, low_ex = ex_low, True
         if ex_high is True:
-            high_ex = True
+            high_ex = high is not None
         elif _is_number(ex_high) and (high is None or ex_high <= high):
             high, high_ex = ex_high, True
-        for bound in (low, high):
-            if bound is not None and (not _is_number(bound) or not math.isfinite(bound)):
-                raise _SchemaError("numeric bounds must be finite numbers")
         step = schema.get("multipleOf")
-        if step is not None and (not _is_number(step) or step <= 0):
+        if step is not None and step <= 0:
             raise _SchemaError("'multipleOf' must be a number > 0")
         lowered = key.lower()
         if integer:
@@ -894,7 +982,10 @@ class _SchemaFiller:
         if not isinstance(schema, dict) or any(k in schema for k in ("anyOf", "oneOf", "allOf")):
             return _NOTHING  # whether a value misses every branch is not worth working out
         if "const" in schema or "enum" in schema:
-            allowed = [schema["const"]] if "const" in schema else list(schema["enum"] or [])
+            choices = schema.get("enum")
+            allowed = [schema["const"]] if "const" in schema else choices
+            if not isinstance(allowed, list):
+                return _NOTHING
             for _, sample in _TYPE_SAMPLES:
                 if not any(_same_json(sample, a) for a in allowed):
                     return sample
@@ -907,14 +998,37 @@ class _SchemaFiller:
                 return sample
         return _NOTHING
 
+    def _offers_choice(self, schema: Any, depth: int = 0) -> bool:
+        """Whether anyOf/oneOf shape this level: breaking the branch built proves nothing."""
+        if depth > _SCHEMA_MAX_DEPTH or not isinstance(schema, dict):
+            return False
+        if "anyOf" in schema or "oneOf" in schema:
+            return True
+        if "$ref" in schema:
+            try:
+                if self._offers_choice(self._deref(schema["$ref"]), depth + 1):
+                    return True
+            except _SchemaError:
+                return False
+        parts = schema.get("allOf")
+        return isinstance(parts, list) and any(self._offers_choice(p, depth + 1) for p in parts)
+
     def mismatch(self, schema: Any, value: Any, rng: random.Random) -> Any:
         """``value`` changed so it does not match ``schema``: a required property dropped or
         one of the wrong type; ``_NOTHING`` when no sure way is found."""
+        if self._offers_choice(schema):
+            return _NOTHING
         if isinstance(value, dict):
             shape = self.normalize(schema)
             shape = shape if isinstance(shape, dict) else {}
-            props = shape.get("properties") or {}
-            required = [n for n in shape.get("required") or [] if n in value]
+            props = shape.get("properties")
+            props = props if isinstance(props, dict) else {}
+            required = shape.get("required")
+            required = (
+                [n for n in required if isinstance(n, str) and n in value]
+                if isinstance(required, list)
+                else []
+            )
             typed = [
                 (name, wrong)
                 for name in value
@@ -927,7 +1041,11 @@ class _SchemaFiller:
             elif typed:
                 name, wrong = rng.choice(typed)
                 broken[name] = wrong
-            elif shape.get("additionalProperties") is False and "unexpected" not in props:
+            elif (
+                shape.get("additionalProperties") is False
+                and "unexpected" not in props
+                and "patternProperties" not in shape
+            ):
                 broken["unexpected"] = True
             else:
                 return _NOTHING
@@ -1187,7 +1305,10 @@ class _Bucket:
 
 
 _SETTINGS_SEEN_LIMIT: Final = 1000
-_OTHER: Final = "<other>"
+
+
+class _Overflow:
+    """The type in settings_seen keys of values beyond _SETTINGS_SEEN_LIMIT: ``name=<other>``."""
 
 
 class _Region:
@@ -1228,17 +1349,16 @@ class _Region:
         seen = self.settings_seen
         for key in settings:
             if key not in seen and len(seen) >= _SETTINGS_SEEN_LIMIT:  # e.g. a seed per request
-                key = (key[0], type(None), _OTHER)
+                key = (key[0], _Overflow, None)
             seen[key] += 1
 
     def settings_json(self) -> dict[str, int]:
         out: Counter[str] = Counter()
-        for (name, _, value), count in self.settings_seen.items():
-            shown = (
-                value
-                if value is _OTHER
-                else _dumps(list(value) if isinstance(value, tuple) else value).decode()
-            )
+        for (name, kind, value), count in self.settings_seen.items():
+            if kind is _Overflow:
+                shown = "<other>"
+            else:
+                shown = _dumps(list(value) if isinstance(value, tuple) else value).decode()
             out[f"{name}={shown}"] += count
         return dict(out)
 
