@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import random
@@ -578,6 +579,31 @@ async def test_stats_counts_and_endpoints(sim: Simulator, http: aiohttp.ClientSe
     assert after.unique_images == 0
     sim.reset_stats()
     assert sim.stats() == after
+
+
+def test_stats_json_round_trips_every_field() -> None:
+    region = SimStats(requests=2, by_status={200: 1, 429: 1}, by_tier={"flex": 1})
+    stats = SimStats(
+        requests=9,
+        by_status={0: 1, 200: 5, 400: 1, 429: 2},
+        in_flight=1,
+        in_flight_max=4,
+        unique_images=3,
+        expired_token_401=1,
+        missing_token_401=2,
+        invalid_token_401=3,
+        by_tier={"standard": 2, "priority": 1, "flex": 1, "provisioned": 1},
+        by_header={"shared-request-type=flex": 1, "request-type=dedicated": 2},
+        structured=4,
+        schema_mismatches_sent=1,
+        settings_seen={"temperature=0.2": 3, 'stop=["."]': 1},
+        regions={"europe-west4": region},
+    )
+    data = stats.to_json()
+    assert set(data) == {f.name for f in dataclasses.fields(SimStats)}
+    assert all(getattr(stats, f.name) != f.default for f in dataclasses.fields(SimStats))
+    assert SimStats.from_json(json.loads(json.dumps(data))) == stats
+    assert SimStats.from_json({}) == SimStats()
 
 
 async def test_image_cache_is_bounded(sim: Simulator, http: aiohttp.ClientSession) -> None:
