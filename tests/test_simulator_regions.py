@@ -76,14 +76,15 @@ def test_go_duration_format(seconds: float, text: str) -> None:
 
 
 async def test_ratelimit_headers_on_every_answer(http: aiohttp.ClientSession) -> None:
-    cfg = SimConfig(rate_limit_rps=2.0, rate_burst=4.0, ratelimit_headers=True)
+    # A token every 2 s: the counts below hold unless the test stalls for seconds.
+    cfg = SimConfig(rate_limit_rps=0.5, rate_burst=4.0, ratelimit_headers=True)
     async with Simulator(cfg) as sim:
         status, _, headers = await post(http, chat_url(sim), body())
         assert status == 200
-        assert headers["x-ratelimit-limit-requests"] == "120"  # 2 rps = 120 per minute
+        assert headers["x-ratelimit-limit-requests"] == "30"  # 0.5 rps = 30 per minute
         assert headers["x-ratelimit-remaining-requests"] == "3"
-        # one token short of full at 2 tokens/s: half a second, less the few ms since
-        assert 0.45 < parse_go_duration(headers["x-ratelimit-reset-requests"]) <= 0.5
+        # one token short of full at 0.5 tokens/s: 2 s, less the moment since
+        assert 1.9 < parse_go_duration(headers["x-ratelimit-reset-requests"]) <= 2.0
         # errors carry them too: a 400 (after taking a token), a 500, a 401 (before it)
         status, _, headers = await post(http, chat_url(sim), {"model": "m"})
         assert status == 400
@@ -97,14 +98,14 @@ async def test_ratelimit_headers_on_every_answer(http: aiohttp.ClientSession) ->
         status, _, headers = await post(http, chat_url(sim), body())
         assert status == 401
         assert headers["x-ratelimit-remaining-requests"] == "1"
-        assert headers["x-ratelimit-limit-requests"] == "120"
+        assert headers["x-ratelimit-limit-requests"] == "30"
         sim.config.require_token = False
         assert (await post(http, chat_url(sim), body()))[0] == 200
         status, data, headers = await post(http, chat_url(sim), body())
         assert status == 429
         assert data == BODY_429
         assert headers["x-ratelimit-remaining-requests"] == "0"
-        assert 1.5 < parse_go_duration(headers["x-ratelimit-reset-requests"]) <= 2.0
+        assert 7.5 < parse_go_duration(headers["x-ratelimit-reset-requests"]) <= 8.0
         assert "retry-after-ms" not in headers  # neither retry_after_s nor retry_after_exact
         # without a bucket there is nothing to describe
         sim.config.rate_limit_rps = None
@@ -120,10 +121,10 @@ async def test_no_ratelimit_headers_by_default(http: aiohttp.ClientSession) -> N
 
 
 async def test_nearly_empty_minute_deep_bucket(http: aiohttp.ClientSession) -> None:
-    # 60 requests per minute, a minute deep, but only 2 tokens at start.
+    # 30 requests per minute, a minute deep, but only 2 tokens at start.
     cfg = SimConfig(
-        rate_limit_rps=1.0,
-        rate_burst=60.0,
+        rate_limit_rps=0.5,
+        rate_burst=30.0,
         rate_initial=2.0,
         ratelimit_headers=True,
         retry_after_exact=True,
@@ -134,16 +135,16 @@ async def test_nearly_empty_minute_deep_bucket(http: aiohttp.ClientSession) -> N
         assert [r[0] for r in results] == [200, 200, 429]
         remaining = [r[2]["x-ratelimit-remaining-requests"] for r in results]
         assert remaining == ["1", "0", "0"]
-        assert {r[2]["x-ratelimit-limit-requests"] for r in results} == {"60"}
+        assert {r[2]["x-ratelimit-limit-requests"] for r in results} == {"30"}
         resets = [parse_go_duration(r[2]["x-ratelimit-reset-requests"]) for r in results]
-        assert 58.5 < resets[0] <= 59.0
-        assert 59.5 < resets[1] <= 60.0
-        assert 59.5 < resets[2] <= 60.0
+        assert 57.0 < resets[0] <= 58.0  # 29 tokens to go at 0.5/s
+        assert 59.0 < resets[1] <= 60.0
+        assert 59.0 < resets[2] <= 60.0
         headers = results[2][2]
-        # a token is due within a second (less the ms since the first request)
+        # the next token is due within 2 s (less the moment since the second request)
         wait_ms = int(headers["retry-after-ms"])
-        assert 500 < wait_ms <= 1000
-        assert headers["Retry-After"] == "1"
+        assert 1000 < wait_ms <= 2000
+        assert headers["Retry-After"] == "2"
         assert results[2][1] == BODY_429
         assert "x-ratelimit-limit-requests" in headers
         # a concurrency 429 has no bucket to ask: the fixed retry_after_s applies
@@ -515,11 +516,21 @@ async def test_flex_only_on_the_global_endpoint(http: aiohttp.ClientSession) -> 
         assert sim.region_stats("europe-west4").by_status == {400: 1}
 
 
-async def test_flex_is_slower_and_has_its_own_bucket(http: aiohttp.ClientSession) -> None:
+async def test_flex_is_slower_and_has_its_own_bucket(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = SimConfig(
         latency_ms=30.0, rate_limit_rps=1.0, flex_rate_limit_rps=1.0, retry_after_exact=True
     )
     async with Simulator(config) as sim:
+        delays: list[float] = []
+        original = sim._delay_s
+
+        def recording(cfg: SimConfig, region: Any, factor: float) -> float:
+            delays.append(round(original(cfg, region, factor), 6))
+            return delays[-1]
+
+        monkeypatch.setattr(sim, "_delay_s", recording)
         url = vertex_chat(sim, "global")
         start = time.perf_counter()
         assert (await tiered(http, url))[0] == 200  # the standard bucket's only token
@@ -534,10 +545,9 @@ async def test_flex_is_slower_and_has_its_own_bucket(http: aiohttp.ClientSession
         assert (await tiered(http, url))[0] == 429
         sim.config.flex_latency_factor = 1.0
         sim.config.flex_rate_limit_rps = None  # unlimited
-        start = time.perf_counter()
         statuses = [(await tiered(http, url, "flex", "shared"))[0] for _ in range(3)]
         assert statuses == [200] * 3
-        assert time.perf_counter() - start < 3 * 0.089  # no factor any more
+        assert delays == [0.03, 0.09, 0.03, 0.03, 0.03]  # the 429s were answered at once
         assert sim.stats().by_tier == {"standard": 1, "flex": 4}
 
 

@@ -1905,13 +1905,15 @@ class Simulator:
                 value, mismatched = broken, True
         return json.dumps(value, ensure_ascii=False), mismatched
 
-    async def _sleep(self, cfg: SimConfig, region: _Region, factor: float = 1.0) -> None:
+    def _delay_s(self, cfg: SimConfig, region: _Region, factor: float) -> float:
+        """This answer's latency: the port's own (else the main config's), times ``factor``."""
         rc = region.config
         if rc is None or rc.latency_ms is None:
-            delay = self._latency_s(cfg)
-        else:
-            delay = self._latency_s(cfg, rc.latency_ms)
-        delay *= factor
+            return self._latency_s(cfg) * factor
+        return self._latency_s(cfg, rc.latency_ms) * factor
+
+    async def _sleep(self, cfg: SimConfig, region: _Region, factor: float = 1.0) -> None:
+        delay = self._delay_s(cfg, region, factor)
         if delay > 0:
             await asyncio.sleep(delay)
 
