@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import json
+import random
 import re
 import statistics
 import time
@@ -16,12 +18,17 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from worker.simulator import (
+    _NOTHING,
     SimConfig,
     SimStats,
     Simulator,
+    _SchemaError,
+    _SchemaFiller,
     add_simulator_arguments,
     serve_simulator,
     sim_config_from_args,
@@ -574,6 +581,31 @@ async def test_stats_counts_and_endpoints(sim: Simulator, http: aiohttp.ClientSe
     assert sim.stats() == after
 
 
+def test_stats_json_round_trips_every_field() -> None:
+    region = SimStats(requests=2, by_status={200: 1, 429: 1}, by_tier={"flex": 1})
+    stats = SimStats(
+        requests=9,
+        by_status={0: 1, 200: 5, 400: 1, 429: 2},
+        in_flight=1,
+        in_flight_max=4,
+        unique_images=3,
+        expired_token_401=1,
+        missing_token_401=2,
+        invalid_token_401=3,
+        by_tier={"standard": 2, "priority": 1, "flex": 1, "provisioned": 1},
+        by_header={"shared-request-type=flex": 1, "request-type=dedicated": 2},
+        structured=4,
+        schema_mismatches_sent=1,
+        settings_seen={"temperature=0.2": 3, 'stop=["."]': 1},
+        regions={"europe-west4": region},
+    )
+    data = stats.to_json()
+    assert set(data) == {f.name for f in dataclasses.fields(SimStats)}
+    assert all(getattr(stats, f.name) != f.default for f in dataclasses.fields(SimStats))
+    assert SimStats.from_json(json.loads(json.dumps(data))) == stats
+    assert SimStats.from_json({}) == SimStats()
+
+
 async def test_image_cache_is_bounded(sim: Simulator, http: aiohttp.ClientSession) -> None:
     from worker import simulator as mod
 
@@ -599,9 +631,14 @@ async def test_image_cache_is_bounded(sim: Simulator, http: aiohttp.ClientSessio
         {"rate_limit_rps": -2.0},
         {"rate_burst": 0.5},
         {"retry_after_s": -1.0},
+        {"rate_initial": -1.0},
+        {"rate_initial": float("inf")},
+        {"retry_after_exact": 1},
+        {"ratelimit_headers": "yes"},
         {"max_concurrency": 0},
         {"error_rate": 1.5},
         {"reset_rate": -0.1},
+        {"schema_mismatch_rate": 2.0},
         {"record_requests": -1},
         {"static_token": ""},
     ],
@@ -632,6 +669,10 @@ def test_cli_arguments_round_trip() -> None:
             "50",
             "--rate-burst",
             "10",
+            "--rate-initial",
+            "5",
+            "--ratelimit-headers",
+            "--retry-after-exact",
             "--retry-after-s",
             "2.5",
             "--max-concurrency",
@@ -640,6 +681,8 @@ def test_cli_arguments_round_trip() -> None:
             "0.1",
             "--reset-rate",
             "0.05",
+            "--schema-mismatch-rate",
+            "0.25",
             "--require-token",
             "tok",
             "--seed",
@@ -655,10 +698,14 @@ def test_cli_arguments_round_trip() -> None:
         latency_sigma=0.3,
         rate_limit_rps=50.0,
         rate_burst=10.0,
+        rate_initial=5.0,
         retry_after_s=2.5,
+        retry_after_exact=True,
+        ratelimit_headers=True,
         max_concurrency=3,
         error_rate=0.1,
         reset_rate=0.05,
+        schema_mismatch_rate=0.25,
         require_token=True,
         static_token="tok",
         seed=42,
@@ -701,3 +748,675 @@ async def test_start_stop_lifecycle() -> None:
     finally:
         await sim.stop()
     await sim.stop()  # idempotent
+
+
+# --------------------------------------------------------------------------- structured output
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "null":
+        return value is None
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "array":
+        return isinstance(value, list)
+    return kind == "object" and isinstance(value, dict)
+
+
+def schema_errors(value: Any, schema: Any, root: Any = None, path: str = "$") -> list[str]:
+    """A small JSON Schema validator for the keywords these tests use (jsonschema is not a
+    dependency); written apart from the simulator's generator so that it checks it."""
+    root = schema if root is None else root
+    if schema is True:
+        return []
+    if schema is False:
+        return [f"{path}: false schema"]
+    errors: list[str] = []
+    if "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#").strip("/").split("/"):
+            node = node[part] if part else node
+        errors += schema_errors(value, node, root, path)
+    for sub in schema.get("allOf", []):
+        errors += schema_errors(value, sub, root, path)
+    if "anyOf" in schema and all(schema_errors(value, s, root, path) for s in schema["anyOf"]):
+        errors.append(f"{path}: matches no anyOf branch")
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(value, s, root, path)]
+        if len(matching) != 1:
+            errors.append(f"{path}: matches {len(matching)} oneOf branches")
+    if "const" in schema and not _same(value, schema["const"]):
+        errors.append(f"{path}: {value!r} is not the const {schema['const']!r}")
+    if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
+        errors.append(f"{path}: {value!r} is not in the enum")
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_type_ok(value, k) for k in kinds):
+            return [*errors, f"{path}: {value!r} is not of type {kinds}"]
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            errors.append(f"{path}: shorter than minLength")
+        if len(value) > schema.get("maxLength", len(value)):
+            errors.append(f"{path}: longer than maxLength")
+        fmt = schema.get("format")
+        if fmt == "date-time" and not re.fullmatch(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value
+        ):
+            errors.append(f"{path}: not a date-time")
+        if fmt == "uri" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", value):
+            errors.append(f"{path}: not a uri")
+    if _type_ok(value, "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{path}: below minimum")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{path}: above maximum")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            errors.append(f"{path}: not above exclusiveMinimum")
+        if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+            errors.append(f"{path}: not below exclusiveMaximum")
+        if "multipleOf" in schema and value % schema["multipleOf"]:
+            errors.append(f"{path}: not a multiple of {schema['multipleOf']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for name in schema.get("required", []):
+            if name not in value:
+                errors.append(f"{path}: missing required {name!r}")
+        for name, item in value.items():
+            if name in props:
+                errors += schema_errors(item, props[name], root, f"{path}.{name}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}: additional property {name!r}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += schema_errors(
+                    item, schema["additionalProperties"], root, f"{path}.{name}"
+                )
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than minItems")
+        if len(value) > schema.get("maxItems", len(value)):
+            errors.append(f"{path}: more than maxItems")
+        prefix = schema.get("prefixItems", [])
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else schema.get("items", True)
+            errors += schema_errors(item, sub, root, f"{path}[{i}]")
+    return errors
+
+
+def test_schema_errors_helper_catches_mistakes() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 2}, "s": {"enum": ["a"]}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    assert schema_errors({"n": 2, "s": "a"}, schema) == []
+    assert schema_errors({"n": 1}, schema)
+    assert schema_errors({"n": True}, schema)
+    assert schema_errors({"s": "a"}, schema)
+    assert schema_errors({"n": 3, "x": 1}, schema)
+    assert schema_errors({"n": 3, "s": "b"}, schema)
+
+
+DESCRIPTION = "A 64x48 PNG image, mostly red (#d02020)."
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "caption": {
+        "type": "object",
+        "properties": {"caption": {"type": "string"}, "alt_text": {"type": "string"}},
+        "required": ["caption", "alt_text"],
+        "additionalProperties": False,
+    },
+    "strings": {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 12},
+            "code": {"type": "string", "minLength": 30},
+            "mood": {"type": "string", "enum": ["calm", "busy"]},
+            "kind": {"const": "photo"},
+            "taken": {"type": "string", "format": "date-time"},
+            "source": {"type": "string", "format": "uri"},
+        },
+        "required": ["title", "code", "mood", "kind", "taken", "source"],
+        "additionalProperties": False,
+    },
+    "numbers": {
+        "type": "object",
+        "properties": {
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "width": {"type": "integer", "minimum": 64},
+            "tilt": {"type": "number", "exclusiveMinimum": 5, "exclusiveMaximum": 6},
+            "count": {"type": "integer", "exclusiveMinimum": 3, "multipleOf": 5, "maximum": 20},
+            "negative": {"type": "integer", "maximum": -3},
+            "flag": {"type": "boolean"},
+            "nothing": {"type": "null"},
+        },
+        "required": ["confidence", "width", "tilt", "count", "negative", "flag", "nothing"],
+    },
+    "arrays": {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 3},
+            "scores": {"type": "array", "items": {"type": "number", "maximum": 0.5}},
+            "empty": {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+            "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}]},
+        },
+        "required": ["tags", "scores", "empty", "pair"],
+    },
+    "nullable": {
+        "type": "object",
+        "properties": {
+            "note": {"type": ["string", "null"]},
+            "size": {"type": ["null", "integer"], "minimum": 7},
+            "maybe": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
+            "either": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+        },
+        "required": ["note", "size", "maybe", "either"],
+        "additionalProperties": False,
+    },
+    "refs": {
+        "$defs": {
+            "Colour": {"type": "string", "enum": ["red", "green", "blue"]},
+            "Box": {
+                "type": "object",
+                "properties": {"label": {"type": "string"}, "colour": {"$ref": "#/$defs/Colour"}},
+                "required": ["label", "colour"],
+                "additionalProperties": False,
+            },
+        },
+        "type": "object",
+        "properties": {"boxes": {"type": "array", "items": {"$ref": "#/$defs/Box"}}},
+        "required": ["boxes"],
+        "additionalProperties": False,
+    },
+    "definitions-and-recursion": {
+        "definitions": {
+            "Node": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "children": {"type": "array", "items": {"$ref": "#/definitions/Node"}},
+                },
+                "required": ["name", "children"],
+            }
+        },
+        "$ref": "#/definitions/Node",
+    },
+    "allOf": {
+        "allOf": [
+            {
+                "type": "object",
+                "properties": {"summary": {"type": "string"}},
+                "required": ["summary"],
+            },
+            {
+                "type": "object",
+                "properties": {"score": {"type": "integer", "minimum": 10, "maximum": 12}},
+                "required": ["score"],
+            },
+        ]
+    },
+    "top-level-array": {"type": "array", "items": {"type": "integer"}, "minItems": 2},
+    "top-level-enum": {"enum": ["cat", "dog"]},
+    "untyped-properties": {"properties": {"description": {}}, "required": ["description"]},
+}
+
+
+def structured_body(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    return body(response_format=response_format, **extra)
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+async def test_structured_output_matches_the_schema(
+    sim: Simulator, http: aiohttp.ClientSession, name: str
+) -> None:
+    schema = SCHEMAS[name]
+    status, data, _ = await post(http, f"{sim.base_url}/chat/completions", structured_body(schema))
+    assert status == 200, data
+    content = data["choices"][0]["message"]["content"]
+    value = json.loads(content)
+    assert schema_errors(value, schema) == []
+    assert data["choices"][0]["finish_reason"] == "stop"
+    assert data["usage"]["completion_tokens"] == len(content.split())
+    assert sim.stats().structured == 1
+    assert sim.stats().schema_mismatches_sent == 0
+    # deterministic: the same image and schema give the same answer
+    again = await post(http, f"{sim.base_url}/chat/completions", structured_body(schema))
+    assert again[1]["choices"][0]["message"]["content"] == content
+
+
+_KEYWORDS = st.sampled_from(
+    [
+        "type", "properties", "required", "additionalProperties", "enum", "const", "format",
+        "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+        "multipleOf", "items", "prefixItems", "minItems", "maxItems", "minProperties",
+        "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "description", "tags",
+    ]
+)  # fmt: skip
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-100, 100)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.sampled_from(
+        [
+            *("object", "string", "number", "integer", "boolean", "null", "array", "bogus"),
+            *("#", "#/$defs/a", "#/definitions/b", "#/properties", "date-time", "uri", "uuid"),
+        ]
+    )
+)
+_JUNK = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(_KEYWORDS | st.sampled_from(["a", "b"]), inner, max_size=5)
+    ),
+    max_leaves=40,
+)
+_HYPOTHESIS = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@_HYPOTHESIS
+@given(_JUNK)
+def test_schema_filler_never_fails_but_with_a_schema_error(schema: Any) -> None:
+    root = schema if isinstance(schema, dict) else {}
+    filler = _SchemaFiller(root, DESCRIPTION)
+    try:
+        value = filler.build(schema)
+        json.dumps(value)
+        filler.mismatch(schema, value, random.Random(0))
+    except _SchemaError:
+        pass
+
+
+def _scalar_schemas() -> st.SearchStrategy[dict[str, Any]]:
+    bound = st.integers(-20, 20)
+    return st.one_of(
+        st.builds(
+            lambda lo, extra, fmt: (
+                {"type": "string", "minLength": lo, "maxLength": lo + extra}
+                | ({"format": fmt} if fmt else {})
+            ),
+            st.integers(0, 30),
+            st.integers(0, 30),
+            st.sampled_from([None, "date-time", "uri"]),
+        ),
+        st.builds(
+            lambda kind, lo, hi, ex_lo, ex_hi, step: (
+                {
+                    "type": kind,
+                    ("exclusiveMinimum" if ex_lo else "minimum"): min(lo, hi),
+                    ("exclusiveMaximum" if ex_hi else "maximum"): max(lo, hi),
+                }
+                | ({"multipleOf": step} if step and kind == "integer" else {})
+            ),
+            st.sampled_from(["integer", "number"]),
+            bound,
+            bound,
+            st.booleans(),
+            st.booleans(),
+            st.none() | st.integers(1, 6),
+        ),
+        st.builds(lambda kinds: {"type": kinds}, st.permutations(["string", "null"])),
+        st.just({"type": "boolean"}),
+        st.just({"type": "null"}),
+        st.builds(lambda v: {"enum": v}, st.lists(st.integers() | st.text(max_size=3), min_size=1)),
+        st.builds(lambda v: {"const": v}, st.integers() | st.text(max_size=3) | st.booleans()),
+    )
+
+
+def _compound(inner: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    names = st.sampled_from(["description", "title", "tags", "count", "x", "y"])
+    return st.one_of(
+        st.builds(
+            lambda props, required, closed: {
+                "type": "object",
+                "properties": props,
+                "required": [n for n in props if n in required],
+                "additionalProperties": not closed,
+            },
+            st.dictionaries(names, inner, max_size=4),
+            st.sets(names),
+            st.booleans(),
+        ),
+        st.builds(
+            lambda items, lo, extra: {
+                "type": "array",
+                "items": items,
+                "minItems": lo,
+                "maxItems": lo + extra,
+            },
+            inner,
+            st.integers(0, 3),
+            st.integers(0, 3),
+        ),
+        st.builds(lambda a, b: {"anyOf": [a, b]}, inner, inner),
+    )
+
+
+@_HYPOTHESIS
+@given(st.recursive(_scalar_schemas(), _compound, max_leaves=12), st.booleans(), st.integers(0, 3))
+def test_schema_filler_builds_matching_and_breaks_for_sure(
+    schema: Any, by_ref: bool, seed: int
+) -> None:
+    if by_ref:
+        schema = {"$defs": {"D": schema}, "$ref": "#/$defs/D"}
+    filler = _SchemaFiller(schema, DESCRIPTION)
+    try:
+        value = filler.build(schema)
+    except _SchemaError:
+        return  # e.g. no multiple of 4 between 1 and 3
+    assert schema_errors(value, schema) == [], (schema, value)
+    broken = filler.mismatch(schema, value, random.Random(seed))
+    if broken is not _NOTHING:
+        assert schema_errors(broken, schema), (schema, broken)
+
+
+async def test_structured_strings_are_meaningful(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    url = f"{sim.base_url}/chat/completions"
+    _, data, _ = await post(http, url, structured_body(SCHEMAS["caption"]))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value == {"caption": DESCRIPTION, "alt_text": DESCRIPTION}
+    _, data, _ = await post(http, url, structured_body(SCHEMAS["strings"]))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value["title"] == "A 64x48 PNG"  # cut at a word to fit maxLength 12
+    assert value["mood"] == "calm"
+    assert value["kind"] == "photo"
+    _, data, _ = await post(http, url, structured_body(SCHEMAS["arrays"]))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value["tags"] == ["png", "red", "png"]  # words of the description
+    assert value["empty"] == []
+    # another image, another description
+    _, data, _ = await post(
+        http, url, structured_body(SCHEMAS["caption"], messages=messages("gs://b/cat.jpg"))
+    )
+    value = json.loads(data["choices"][0]["message"]["content"])
+    assert value["caption"].startswith("A simulated description of cat.jpg")
+
+
+async def test_structured_output_through_the_sdk_parse(client: openai.AsyncOpenAI) -> None:
+    from enum import StrEnum
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Colour(StrEnum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Thing(BaseModel):
+        label: str
+        confidence: float
+
+    class Caption(BaseModel):
+        caption: str
+        colour: Colour
+        things: list[Thing]
+        alt: str | None
+        kind: Literal["photo", "drawing"]
+
+    completion = await client.chat.completions.parse(
+        model="google/gemini-2.0-flash", messages=messages(), response_format=Caption
+    )
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Caption)
+    assert parsed.caption == DESCRIPTION
+    assert parsed.colour is Colour.RED
+    assert parsed.kind == "photo"
+    assert parsed.things[0].confidence == 0.9
+
+
+async def test_json_object_and_text_formats(sim: Simulator, client: openai.AsyncOpenAI) -> None:
+    completion = await create(client, response_format={"type": "json_object"})
+    assert json.loads(completion.choices[0].message.content) == {"description": DESCRIPTION}
+    completion = await create(client, response_format={"type": "text"})
+    assert completion.choices[0].message.content == DESCRIPTION
+    assert sim.stats().structured == 0  # only json_schema answers count
+
+
+@pytest.mark.parametrize(
+    ("response_format", "needle"),
+    [
+        pytest.param("json", "'response_format' must be an object", id="not-object"),
+        pytest.param({"type": "xml"}, "'response_format.type'", id="unknown-type"),
+        pytest.param({}, "'response_format.type'", id="no-type"),
+        pytest.param({"type": "json_schema"}, "json_schema", id="no-json-schema"),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"name": "x"}}, "'schema'", id="no-schema"
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            "'schema'",
+            id="schema-not-object",
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"name": 3, "schema": {}}},
+            "name",
+            id="bad-name",
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}},
+            "strict",
+            id="bad-strict",
+        ),
+        pytest.param(
+            {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/Nope"}}},
+            "$ref",
+            id="dangling-ref",
+        ),
+        pytest.param(
+            {
+                "type": "json_schema",
+                "json_schema": {"schema": {"$ref": "https://example.com/s.json"}},
+            },
+            "only local references",
+            id="remote-ref",
+        ),
+        pytest.param(
+            {
+                "type": "json_schema",
+                "json_schema": {"schema": {"type": "string", "minLength": 5, "maxLength": 2}},
+            },
+            "minLength",
+            id="contradiction",
+        ),
+        pytest.param(
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "schema": {
+                        "$defs": {
+                            "L": {
+                                "type": "object",
+                                "properties": {"next": {"$ref": "#/$defs/L"}},
+                                "required": ["next"],
+                            }
+                        },
+                        "$ref": "#/$defs/L",
+                    }
+                },
+            },
+            "nests too deeply",
+            id="endless-recursion",
+        ),
+    ],
+)
+async def test_bad_response_format_gets_400(
+    sim: Simulator, http: aiohttp.ClientSession, response_format: Any, needle: str
+) -> None:
+    payload = body(response_format=response_format)
+    status, data, _ = await post(http, f"{sim.base_url}/chat/completions", payload)
+    assert status == 400
+    assert data[0]["error"]["status"] == "INVALID_ARGUMENT"
+    assert needle in data[0]["error"]["message"]
+    assert sim.stats().structured == 0
+
+
+async def test_schema_mismatch_rate(http: aiohttp.ClientSession) -> None:
+    async def contents(rate: float, seed: int, n: int) -> tuple[list[str], SimStats]:
+        async with Simulator(SimConfig(schema_mismatch_rate=rate, seed=seed)) as s:
+            url = f"{s.base_url}/chat/completions"
+            out = []
+            for i in range(n):
+                schema = list(SCHEMAS.values())[i % 3]
+                _, data, _ = await post(http, url, structured_body(schema))
+                out.append(data["choices"][0]["message"]["content"])
+            return out, s.stats()
+
+    # always: every answer breaks its schema
+    answers, stats = await contents(1.0, 1, 9)
+    for i, content in enumerate(answers):
+        assert schema_errors(json.loads(content), list(SCHEMAS.values())[i % 3]), content
+    assert (stats.structured, stats.schema_mismatches_sent) == (9, 9)
+    # a share: counted exactly, and deterministic under the seed
+    answers, stats = await contents(0.5, 7, 30)
+    broken = [
+        bool(schema_errors(json.loads(c), list(SCHEMAS.values())[i % 3]))
+        for i, c in enumerate(answers)
+    ]
+    assert stats.structured == 30
+    assert stats.schema_mismatches_sent == sum(broken)
+    assert 5 <= sum(broken) <= 25
+    again, _ = await contents(0.5, 7, 30)
+    assert again == answers
+    # both ways of breaking show up: a dropped required property and a wrong type
+    missing = wrong = 0
+    for i, content in enumerate(answers):
+        errors = schema_errors(json.loads(content), list(SCHEMAS.values())[i % 3])
+        missing += any("missing required" in e for e in errors)
+        wrong += any("not of type" in e or "not in the enum" in e for e in errors)
+    assert missing and wrong
+
+
+async def test_schema_mismatch_when_nothing_can_break(http: aiohttp.ClientSession) -> None:
+    # every value matches {}: the answer cannot mismatch, and is not counted as such
+    async with Simulator(SimConfig(schema_mismatch_rate=1.0)) as s:
+        status, _, _ = await post(http, f"{s.base_url}/chat/completions", structured_body({}))
+        assert status == 200
+        assert (s.stats().structured, s.stats().schema_mismatches_sent) == (1, 0)
+
+
+async def test_structured_answer_truncated_by_max_tokens(client: openai.AsyncOpenAI) -> None:
+    response_format = structured_body(SCHEMAS["caption"])["response_format"]
+    completion = await create(client, response_format=response_format, max_tokens=3)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == '{"caption": "A 64x48'
+
+
+# --------------------------------------------------------------------------- generation settings
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        pytest.param({"temperature": "hot"}, "temperature", id="temperature-type"),
+        pytest.param({"temperature": -0.1}, "temperature", id="temperature-low"),
+        pytest.param({"temperature": 2.5}, "temperature", id="temperature-high"),
+        pytest.param({"temperature": True}, "temperature", id="temperature-bool"),
+        pytest.param({"top_p": 0}, "top_p", id="top-p-zero"),
+        pytest.param({"top_p": 1.5}, "top_p", id="top-p-high"),
+        pytest.param({"top_p": "0.5"}, "top_p", id="top-p-type"),
+        pytest.param({"seed": 1.5}, "seed", id="seed-float"),
+        pytest.param({"seed": "7"}, "seed", id="seed-string"),
+        pytest.param({"seed": False}, "seed", id="seed-bool"),
+        pytest.param({"stop": 5}, "stop", id="stop-type"),
+        pytest.param({"stop": ["a", "b", "c", "d", "e"]}, "stop", id="stop-five"),
+        pytest.param({"stop": []}, "stop", id="stop-empty-list"),
+        pytest.param({"stop": [1]}, "stop", id="stop-item-type"),
+        pytest.param({"stop": ""}, "stop", id="stop-empty-string"),
+        pytest.param({"max_completion_tokens": 0}, "max_completion_tokens", id="max-tokens-0"),
+    ],
+)
+async def test_bad_generation_settings_get_400(
+    sim: Simulator, http: aiohttp.ClientSession, settings: dict[str, Any], field: str
+) -> None:
+    status, data, _ = await post(http, f"{sim.base_url}/chat/completions", body(**settings))
+    assert status == 400
+    error = data[0]["error"]
+    assert error["status"] == "INVALID_ARGUMENT"
+    assert f"'{field}'" in error["message"]
+    assert sim.stats().settings_seen == {}
+
+
+async def test_valid_generation_settings_are_echoed_in_stats(
+    sim: Simulator, client: openai.AsyncOpenAI, http: aiohttp.ClientSession
+) -> None:
+    completion = await create(client, temperature=0.2, max_tokens=50, seed=7, stop=["."])
+    assert completion.choices[0].finish_reason == "stop"
+    await create(client, temperature=0.2, top_p=1, seed=-3, stop="\n")
+    await create(client, temperature=0, top_p=0.01, max_completion_tokens=9)
+    await create(client, temperature=2.0)
+    await create(client, temperature=None)  # null: as if absent
+    expected = {
+        "temperature=0.2": 2,
+        "temperature=0": 1,
+        "temperature=2.0": 1,
+        "max_tokens=50": 1,
+        "max_completion_tokens=9": 1,
+        "seed=7": 1,
+        "seed=-3": 1,
+        'stop=["."]': 1,
+        'stop="\\n"': 1,
+        "top_p=1": 1,
+        "top_p=0.01": 1,
+    }
+    stats = sim.stats()
+    assert stats.settings_seen == expected
+    async with http.get(f"{sim.root_url}/stats") as resp:
+        data = await resp.json()
+    assert data["settings_seen"] == expected
+    assert SimStats.from_json(data) == stats
+    # the recorded requests keep the bodies as sent
+    assert sim.requests[-3].body["top_p"] == 0.01
+
+
+async def test_stop_cuts_the_answer(client: openai.AsyncOpenAI) -> None:
+    completion = await create(client, stop=",")
+    assert completion.choices[0].message.content == "A 64x48 PNG image"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == 4
+    # the first occurrence of any of the strings
+    completion = await create(client, stop=["mostly", "PNG", "zebra"])
+    assert completion.choices[0].message.content == "A 64x48 "
+    assert completion.usage.completion_tokens == 2
+    # not found: the whole answer
+    completion = await create(client, stop=["zebra"])
+    assert completion.choices[0].message.content == DESCRIPTION
+    # max_tokens still applies to what is left
+    completion = await create(client, stop=",", max_tokens=2)
+    assert completion.choices[0].message.content == "A 64x48"
+    assert completion.choices[0].finish_reason == "length"
+    completion = await create(client, stop=",", max_tokens=4)
+    assert completion.choices[0].finish_reason == "stop"
+
+
+async def test_settings_seen_is_bounded(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    from worker import simulator as mod
+
+    url = f"{sim.base_url}/chat/completions"
+    region = sim._main
+    region.count_settings(tuple(("seed", int, i) for i in range(mod._SETTINGS_SEEN_LIMIT)))
+    assert (await post(http, url, body(seed=123456789)))[0] == 200
+    assert (await post(http, url, body(seed=3)))[0] == 200  # already known: counted as itself
+    seen = sim.stats().settings_seen
+    assert len(seen) == mod._SETTINGS_SEEN_LIMIT + 1
+    assert seen["seed=<other>"] == 1
+    assert seen["seed=3"] == 2
