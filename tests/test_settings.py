@@ -41,13 +41,18 @@ def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
 
 def test_default_toml_documents_every_key() -> None:
     documented = tomllib.loads((REPO / "config" / "default.toml").read_text())
-    defaults = Settings()
-    for section in dataclasses.fields(defaults):
-        body = getattr(defaults, section.name)
-        for f in dataclasses.fields(body):
-            assert documented[section.name][f.name] == getattr(body, f.name), (
-                f"{section.name}.{f.name}"
-            )
+
+    def check(doc: dict[str, object], defaults: object, where: str) -> None:
+        for f in dataclasses.fields(defaults):  # type: ignore[arg-type]
+            value = getattr(defaults, f.name)
+            key = f"{where}{f.name}"
+            assert f.name in doc, f"{key} is not in config/default.toml"
+            if dataclasses.is_dataclass(value):
+                check(doc[f.name], value, f"{key}.")  # type: ignore[arg-type]
+            else:
+                assert doc[f.name] == value, key
+
+    check(documented, Settings(), "")
     for name in ("local", "vertex", "pubsub", "default"):
         load_settings(REPO / "config" / f"{name}.toml", env={})
 
@@ -91,6 +96,18 @@ def test_bad_values_name_their_key_and_what_is_allowed(
         load_settings(env=env)
     assert raised.value.key == key
     assert says in str(raised.value)
+
+
+def test_nested_tables_from_file_and_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[sinks.gcs]\nroll_records = 50\n[store]\nuri = 'sqlite:s.db'\n")
+    s = load_settings(cfg, env={"WORKER_SINKS__GCS__ROLL_AGE_S": "2.5"})
+    assert (s.sinks.gcs.roll_records, s.sinks.gcs.roll_age_s) == (50, 2.5)
+    assert s.store.uri == "sqlite:s.db"
+    with pytest.raises(ConfigError, match=r"sinks\.gcs: is a table"):
+        load_settings(env={"WORKER_SINKS__GCS": "1"})
+    with pytest.raises(ConfigError, match=r"unknown section 'sinks\.gcx'"):
+        load_settings(env={"WORKER_SINKS__GCX__ROLL_RECORDS": "1"})
 
 
 def test_modes_are_defined_once() -> None:

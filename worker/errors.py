@@ -31,10 +31,12 @@ __all__ = [
     "Kind",
     "ModelError",
     "PubSubError",
+    "RecordRejected",
     "ServiceError",
     "SinkFailed",
     "SourceUnavailable",
     "StorageError",
+    "StoreUnavailable",
     "WorkerError",
 ]
 
@@ -54,6 +56,7 @@ ErrorType = Literal[
     "image_too_large",
     "model_rejected",
     "retries_exhausted",
+    "sink_rejected",
 ]
 ERROR_TYPES: frozenset[str] = frozenset(get_args(ErrorType))
 
@@ -171,6 +174,15 @@ class SourceUnavailable(WorkerError):
 
 class SinkFailed(WorkerError):
     """A sink could not store a batch; the jobs in it are not done."""
+
+
+class RecordRejected(WorkerError):
+    """The result sink refused this one record for good (its reason is the message); the
+    job is dead-lettered as ``sink_rejected``."""
+
+
+class StoreUnavailable(WorkerError):
+    """The result store cannot be reached or answered badly; jobs go on without it."""
 
 
 class DrainRequested(WorkerError):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import anyio
 
 from .endpoints import EndpointPool
-from .errors import DrainRequested, ErrorType, JobError, ServiceError, SinkFailed
+from .errors import DrainRequested, ErrorType, JobError, RecordRejected, ServiceError, SinkFailed
 from .images import ImagePolicy
 from .jobs import Job, error_record, fallback_id, parse_job, result_record
 from .limits import Limiter
@@ -364,50 +364,65 @@ class Pipeline:
             else:
                 self.stats.failed += 1
             return
-        assert outcome.record is not None
-        writer = self.results if outcome.kind == "ok" else self.dead_letter
+        record, ok = outcome.record, outcome.kind == "ok"
+        assert record is not None
         try:
-            await writer.put(outcome.record)
-        except SinkFailed as exc:
+            try:
+                await (self.results if ok else self.dead_letter).put(record)
+            except RecordRejected as exc:
+                if not ok:
+                    raise SinkFailed(f"the dead-letter sink refused the record: {exc}") from None
+                # The result sink will never take this record: it becomes a dead letter.
+                record, ok = self._rejected(record, str(exc), delivery), False
+                await self.dead_letter.put(record)
+        except (SinkFailed, RecordRejected) as exc:
             log.error(
                 "sink_write_failed",
-                extra={
-                    "job_id": outcome.record["id"],
-                    "error": str(exc),
-                    **_delivery_fields(delivery),
-                },
+                extra={"job_id": record["id"], "error": str(exc), **_delivery_fields(delivery)},
             )
             if delivery.redeliverable:
                 await self._give_back(delivery)
             else:
                 self.stats.failed += 1
             return
-        if outcome.kind == "ok":
+        if ok:
             self.stats.ok += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "job_succeeded",
                     extra={
-                        "job_id": outcome.record["id"],
-                        "attempt": outcome.record.get("attempts"),
-                        "latency_s": outcome.record.get("latency_s"),
+                        "job_id": record["id"],
+                        "attempt": record.get("attempts"),
+                        "latency_s": record.get("latency_s"),
                         **_delivery_fields(delivery),
                     },
                 )
         else:
             self.stats.dead_lettered += 1
-            err = outcome.record["error"]
+            err = record["error"]
             log.warning(
                 "job_dead_lettered",
                 extra={
-                    "job_id": outcome.record["id"],
+                    "job_id": record["id"],
                     "error_type": err["type"],
                     "reason": err["message"],
-                    "attempt": outcome.record.get("attempts"),
+                    "attempt": record.get("attempts"),
                     **_delivery_fields(delivery),
                 },
             )
         await self._ack(delivery)
+
+    def _rejected(self, record: Record, reason: str, delivery: Delivery) -> Record:
+        dead = self._dead(
+            str(record["id"]),
+            record.get("image_uri"),
+            "sink_rejected",
+            f"the result sink refused the record: {reason}",
+            int(record.get("attempts") or 0),
+            delivery,
+        )
+        assert dead.record is not None
+        return dead.record
 
     async def _ack(self, delivery: Delivery) -> None:
         try:

@@ -28,6 +28,8 @@ __all__ = [
     "Delivery",
     "PipelineObserver",
     "Record",
+    "Rejection",
+    "ResultStore",
     "Sink",
     "SinkBase",
     "Source",
@@ -149,6 +151,16 @@ class SourceBase:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record the sink refused for good (a row a table will not take): the job goes to
+    the dead-letter sink with this reason instead."""
+
+    #: Position of the record in the batch handed to ``write``.
+    index: int
+    reason: str
+
+
 class Sink(Protocol):
     """Where records go. ``write`` returns only when every record is durable."""
 
@@ -162,8 +174,10 @@ class Sink(Protocol):
         """Check, before anything runs, that records can be written; raise
         :class:`~worker.errors.ConfigError` for what the operator must fix."""
 
-    async def write(self, records: Sequence[Record]) -> None:
-        """Return only when every record is durably stored; raise if they are not."""
+    async def write(self, records: Sequence[Record]) -> Sequence[Rejection] | None:
+        """Return only when every record is durably stored, or refused for good (then
+        return the refusals); raise if the batch could not be stored (it may be tried
+        again: the jobs are handed back)."""
 
     async def existing_ids(self) -> set[str]:
         """Ids already stored (for resuming a batch); empty when the sink cannot tell."""
@@ -186,6 +200,37 @@ class SinkBase:
 
     async def aclose(self) -> None:
         return None
+
+
+class ResultStore(Protocol):
+    """Shared memory of answers and claims (``worker.store``): what lets a repeated image
+    or a redelivered job be answered without paying for a model call twice.
+
+    Values are opaque bytes under string keys. ``claim`` is atomic across every worker
+    sharing the store (``SET NX PX`` on Redis): the first caller holds ``key`` for
+    ``lease_s`` and the others see False until it is released or lapses. A store never
+    holds image bytes or tokens. Any operation may raise
+    :class:`~worker.errors.StoreUnavailable`; callers carry on without the store.
+    """
+
+    name: str
+
+    async def prepare(self) -> None:
+        """Open or connect; ConfigError for what the operator must fix (a bad URI)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes, *, ttl_s: float | None) -> None:
+        """Store ``value`` (overwriting); it lapses after ``ttl_s`` (None: never)."""
+
+    async def claim(self, key: str, holder: str, *, lease_s: float) -> bool:
+        """Take ``key`` for ``holder`` unless someone holds it; True when taken (or
+        already held by ``holder``, whose lease is then renewed)."""
+
+    async def release(self, key: str, holder: str) -> None:
+        """Give ``key`` up, if ``holder`` still holds it."""
+
+    async def aclose(self) -> None: ...
 
 
 class TokenProvider(Protocol):

@@ -24,6 +24,8 @@ __all__ = [
     "DEFAULT_PROMPT",
     "INLINE_MODES",
     "AuthMode",
+    "BigQuerySinkSettings",
+    "GcsSinkSettings",
     "HttpSettings",
     "ImageBackend",
     "ImageSettings",
@@ -35,6 +37,8 @@ __all__ = [
     "RetrySettings",
     "Settings",
     "SimulatorSettings",
+    "SinksSettings",
+    "StoreSettings",
     "WorkerSettings",
     "load_settings",
     "vertex_base_url",
@@ -338,6 +342,119 @@ class LogSettings:
 
 
 @dataclass
+class GcsSinkSettings:
+    """``gs://BUCKET/PREFIX/`` sinks: records as JSONL objects, rolled by count, size, age."""
+
+    # An object is finalised (and the jobs in it acked) at whichever comes first.
+    roll_records: int = 10_000
+    roll_bytes: int = 64 * 1024 * 1024
+    roll_age_s: float = 10.0
+    # Names this replica's objects (PREFIX/YYYY/MM/DD/HH/<replica>-<seq>.jsonl); empty:
+    # the host name and process id, so replicas never collide.
+    replica: str = ""
+    request_timeout_s: float = 120.0
+    # A failed upload is retried (same object name, ifGenerationMatch=0) this long.
+    retry_deadline_s: float = 300.0
+
+    def validate(self) -> None:
+        _require(
+            1 <= self.roll_records <= 10_000_000, "sinks.gcs.roll_records", "must be 1..10000000"
+        )
+        _require(
+            1024 <= self.roll_bytes <= 5 * 1024**3,
+            "sinks.gcs.roll_bytes",
+            "must be 1024..5368709120",
+        )
+        _require(0 < self.roll_age_s <= 3600, "sinks.gcs.roll_age_s", "must be > 0 and <= 3600")
+        _require(
+            self.replica == "" or self.replica.replace("-", "").replace("_", "").isalnum(),
+            "sinks.gcs.replica",
+            "must be letters, digits, - and _ only",
+        )
+        _require(
+            0 < self.request_timeout_s <= 3600,
+            "sinks.gcs.request_timeout_s",
+            "must be > 0 and <= 3600",
+        )
+        _require(
+            0 < self.retry_deadline_s <= 86_400,
+            "sinks.gcs.retry_deadline_s",
+            "must be > 0 and <= 86400",
+        )
+
+
+@dataclass
+class BigQuerySinkSettings:
+    """``bq:PROJECT.DATASET.TABLE`` sinks: rows streamed with ``tabledata.insertAll``."""
+
+    # Create the table (partitioned by finished_at, clustered by status) if it is missing.
+    create_table: bool = False
+    # Rows per insertAll request (BigQuery recommends about 500).
+    max_rows_per_request: int = 500
+    request_timeout_s: float = 60.0
+    retry_deadline_s: float = 300.0
+
+    def validate(self) -> None:
+        _require(
+            1 <= self.max_rows_per_request <= 50_000,
+            "sinks.bigquery.max_rows_per_request",
+            "must be 1..50000",
+        )
+        _require(
+            0 < self.request_timeout_s <= 3600,
+            "sinks.bigquery.request_timeout_s",
+            "must be > 0 and <= 3600",
+        )
+        _require(
+            0 < self.retry_deadline_s <= 86_400,
+            "sinks.bigquery.retry_deadline_s",
+            "must be > 0 and <= 86400",
+        )
+
+
+@dataclass
+class SinksSettings:
+    gcs: GcsSinkSettings = field(default_factory=GcsSinkSettings)
+    bigquery: BigQuerySinkSettings = field(default_factory=BigQuerySinkSettings)
+
+    def validate(self) -> None:
+        self.gcs.validate()
+        self.bigquery.validate()
+
+
+StoreKey = Literal["content", "uri"]
+
+
+@dataclass
+class StoreSettings:
+    """The result store: reuse by content and exactly-once model calls per job id."""
+
+    # none | sqlite:PATH | redis://HOST:PORT/DB (rediss:// for TLS)
+    uri: str = "none"
+    # content: an image is known by its bytes (or a gs:// object's generation and checksum);
+    # uri: by its URI alone (cheaper; wrong if objects are overwritten in place).
+    key: StoreKey = "content"
+    # Stored answers lapse after this long; 0: never.
+    ttl_s: float = 0.0
+    # A claim on a job or an answer lapses after this long unless renewed (a crashed
+    # holder's work is picked up again after it).
+    lease_s: float = 60.0
+    # How long a job waits for another worker's answer to the same job or image before it
+    # calls the model itself.
+    wait_s: float = 120.0
+
+    def validate(self) -> None:
+        _require(
+            self.uri == "none" or self.uri.startswith(("sqlite:", "redis://", "rediss://")),
+            "store.uri",
+            "must be none, sqlite:PATH or redis://HOST:PORT/DB",
+        )
+        _require(self.ttl_s >= 0, "store.ttl_s", "must be >= 0 (0 = never)")
+        _require(1 <= self.lease_s <= 3600, "store.lease_s", "must be 1..3600")
+        _require(0 <= self.wait_s <= 3600, "store.wait_s", "must be 0..3600")
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
@@ -347,6 +464,8 @@ class Settings:
     pubsub: PubSubSettings = field(default_factory=PubSubSettings)
     log: LogSettings = field(default_factory=LogSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    sinks: SinksSettings = field(default_factory=SinksSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):
@@ -354,16 +473,36 @@ class Settings:
         return self
 
     def set(self, dotted: str, value: Any) -> None:
-        """Set ``section.key`` from a file, env or flag value, coercing and checking its type."""
-        section_name, _, key = dotted.partition(".")
-        section = getattr(self, section_name, None)
-        if section is None or not dataclasses.is_dataclass(section):
-            raise ConfigError(dotted, f"unknown section {section_name!r}")
+        """Set ``section.key`` (or ``section.sub.key``) from a file, env or flag value,
+        coercing and checking its type."""
+        *path, key = dotted.split(".")
+        section: Any = self
+        for i, name in enumerate(path):
+            inner = getattr(section, name, None) if name in _field_names(section) else None
+            if inner is None or not dataclasses.is_dataclass(inner):
+                raise ConfigError(dotted, f"unknown section {'.'.join(path[: i + 1])!r}")
+            section = inner
+        if not path:
+            raise ConfigError(dotted, "needs a section: SECTION.KEY")
         hints = typing.get_type_hints(type(section))
+        if key in hints and dataclasses.is_dataclass(getattr(section, key)):
+            raise ConfigError(dotted, f"is a table: set {dotted}.KEY")
         if key not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(section))
+            known = ", ".join(
+                f.name
+                for f in dataclasses.fields(section)
+                if not dataclasses.is_dataclass(getattr(section, f.name))
+            )
             raise ConfigError(dotted, f"unknown key (known keys: {known})")
         setattr(section, key, _coerce(dotted, value, hints[key]))
+
+
+def _field_names(obj: Any) -> frozenset[str]:
+    return (
+        frozenset(f.name for f in dataclasses.fields(obj))
+        if dataclasses.is_dataclass(obj)
+        else frozenset()
+    )
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -419,12 +558,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 _BOOL_WORDS = frozenset({"1", "true", "yes", "on", "0", "false", "no", "off"})
 
 
-def _apply_mapping(settings: Settings, data: Mapping[str, Any], origin: str) -> None:
-    for section, body in data.items():
-        if not isinstance(body, Mapping):
-            raise ConfigError(section, f"{origin}: expected a [{section}] table")
-        for key, value in body.items():
-            settings.set(f"{section}.{key}", value)
+def _apply_mapping(
+    settings: Settings, data: Mapping[str, Any], origin: str, prefix: str = ""
+) -> None:
+    for name, body in data.items():
+        dotted = f"{prefix}{name}"
+        if not prefix and not isinstance(body, Mapping):
+            raise ConfigError(name, f"{origin}: expected a [{name}] table")
+        if isinstance(body, Mapping):
+            _apply_mapping(settings, body, origin, f"{dotted}.")
+        else:
+            settings.set(dotted, body)
 
 
 def load_settings(
@@ -447,8 +591,10 @@ def load_settings(
     environ = os.environ if env is None else env
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
-            section, _, key = name[len(ENV_PREFIX) :].partition("__")
-            settings.set(f"{section.lower()}.{key.lower()}", value)
+            # WORKER_SECTION__KEY, or WORKER_SECTION__SUB__KEY for a nested table.
+            settings.set(
+                ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__")), value
+            )
     for dotted, value in (overrides or {}).items():
         if value is not None:
             settings.set(dotted, value)

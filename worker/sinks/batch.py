@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import anyio
 
-from ..errors import SinkFailed
+from ..errors import RecordRejected, SinkFailed
 from ..protocols import Record, Sink
 
 __all__ = ["BatchWriter"]
@@ -43,7 +43,8 @@ class BatchWriter:
         self.records = 0
 
     async def put(self, record: Record) -> None:
-        """Return once ``record`` is durable; raise :class:`SinkFailed` if it is not."""
+        """Return once ``record`` is durable; raise :class:`SinkFailed` if the batch was
+        not stored, :class:`RecordRejected` if the sink refused this record for good."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((record, future))
         self._wakeup.set()
@@ -76,7 +77,7 @@ class BatchWriter:
     async def _write_batch(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
         started = time.perf_counter()
         try:
-            await self.sink.write([record for record, _ in batch])
+            rejected = await self.sink.write([record for record, _ in batch])
         except Exception as exc:
             error = SinkFailed(f"{self.sink.name}: {type(exc).__name__}: {exc}")
             for _, future in batch:
@@ -87,6 +88,11 @@ class BatchWriter:
         self.records += len(batch)
         if self._on_write is not None:
             self._on_write(len(batch), time.perf_counter() - started)
-        for _, future in batch:
-            if not future.done():
+        refused = {r.index: r.reason for r in rejected or ()}
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            if i in refused:
+                future.set_exception(RecordRejected(refused[i]))
+            else:
                 future.set_result(None)
