@@ -179,10 +179,16 @@ def _usage(usage: Any) -> dict[str, int] | None:
 
 def _model_error(exc: openai.APIError) -> ModelError:
     """The SDK's exception as the worker's own (see :mod:`worker.retry` for the kinds)."""
-    if isinstance(exc, openai.APITimeoutError):
-        return ModelError(0, "timeout", "no answer within the request timeout", kind="transient")
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
+        cause = _wire_cause(exc)
+        # The SDK's aiohttp bridge reports a reset connection as a ConnectTimeout, hence an
+        # APITimeoutError: only a TimeoutError underneath is a timeout. The difference
+        # matters: an adaptive limit reads a timeout as congestion and cuts, and 2% of
+        # connections reset by a flaky backend cut it to a fraction of the quota.
+        if isinstance(cause, TimeoutError) or (
+            cause is None and isinstance(exc, openai.APITimeoutError)
+        ):
+            return ModelError(0, "timeout", "no answer within the request timeout", kind="transient")
         detail = type(cause).__name__ if cause is not None else "connection failed"
         return ModelError(0, "connection_error", detail, kind="transient")
     if isinstance(exc, openai.APIStatusError):
@@ -196,6 +202,21 @@ def _model_error(exc: openai.APIError) -> ModelError:
             retry_after_s=retry_after_s(exc.response.headers),
         )
     return ModelError(0, "error", type(exc).__name__, kind="transient")
+
+
+def _wire_cause(exc: BaseException) -> BaseException | None:
+    """The innermost OS-level cause of a connection failure (a TimeoutError, a reset...)."""
+    found: BaseException | None = None
+    seen = 0
+    current = exc.__cause__ or exc.__context__
+    while current is not None and seen < 8:
+        if isinstance(current, TimeoutError):
+            return current  # a timeout anywhere in the chain is the story
+        if isinstance(current, OSError):
+            found = current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return found
 
 
 def _error_body(exc: openai.APIStatusError) -> tuple[str, str]:
