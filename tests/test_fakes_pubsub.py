@@ -82,69 +82,76 @@ def assert_error(status: int, body: dict[str, Any], code: int, grpc_status: str)
     assert body["error"]["message"]
 
 
-async def test_admin_topics_and_subscriptions(session: aiohttp.ClientSession) -> None:
+async def test_get_topic_and_subscription(session: aiohttp.ClientSession) -> None:
+    """The two reads the worker makes at start-up: does the topic exist, what is the
+    subscription's ack deadline."""
     async with PubSubEmulator() as emu:
+        emu.create_topic(P, "jobs")
+        emu.create_subscription(P, "plain", "jobs")
+        emu.create_subscription(P, "work", "jobs", dead_letter_topic="dlq")
         api = Api(session, emu)
-        status, body = await api.call("PUT", f"projects/{P}/topics/jobs", {})
+        status, body = await api.call("GET", f"projects/{P}/topics/jobs")
         assert (status, body) == (200, {"name": f"projects/{P}/topics/jobs"})
-        assert_error(*await api.call("PUT", f"projects/{P}/topics/jobs", {}), 409, "ALREADY_EXISTS")
-        assert (await api.call("GET", f"projects/{P}/topics/jobs"))[0] == 200
+        assert (await api.call("GET", f"projects/{P}/topics/dlq"))[0] == 200  # created for it
         assert_error(*await api.call("GET", f"projects/{P}/topics/nope"), 404, "NOT_FOUND")
-        assert_error(*await api.call("PUT", f"projects/{P}/topics/x", {}), 400, "INVALID_ARGUMENT")
-        assert_error(
-            *await api.call("PUT", f"projects/{P}/topics/goog-x", {}), 400, "INVALID_ARGUMENT"
-        )
-        await api.call("PUT", f"projects/{P}/topics/dlq", {})
 
-        sub_body = {
-            "topic": f"projects/{P}/topics/jobs",
-            "deadLetterPolicy": {"deadLetterTopic": f"projects/{P}/topics/dlq"},
-            "retryPolicy": {"minimumBackoff": "10s"},
-        }
-        status, cfg = await api.call("PUT", f"projects/{P}/subscriptions/work", sub_body)
-        assert status == 200, cfg
         status, got = await api.call("GET", f"projects/{P}/subscriptions/work")
-        assert status == 200
-        assert got == cfg
-        assert got["name"] == f"projects/{P}/subscriptions/work"
-        assert got["topic"] == f"projects/{P}/topics/jobs"
-        assert got["ackDeadlineSeconds"] == 10
-        assert got["deadLetterPolicy"] == {
-            "deadLetterTopic": f"projects/{P}/topics/dlq",
-            "maxDeliveryAttempts": 5,
-        }
-        assert_error(
-            *await api.call("PUT", f"projects/{P}/subscriptions/work", sub_body),
-            409,
-            "ALREADY_EXISTS",
-        )
-        bad = [
-            {"topic": f"projects/{P}/topics/jobs", "ackDeadlineSeconds": 5},
-            {"topic": f"projects/{P}/topics/jobs", "ackDeadlineSeconds": 601},
-            {
-                "topic": f"projects/{P}/topics/jobs",
-                "deadLetterPolicy": {
-                    "deadLetterTopic": f"projects/{P}/topics/dlq",
-                    "maxDeliveryAttempts": 4,
-                },
+        assert status == 200, got
+        assert got == {
+            "name": f"projects/{P}/subscriptions/work",
+            "topic": f"projects/{P}/topics/jobs",
+            "ackDeadlineSeconds": 10,
+            "deadLetterPolicy": {
+                "deadLetterTopic": f"projects/{P}/topics/dlq",
+                "maxDeliveryAttempts": 5,
             },
-            {},
-        ]
-        for body in bad:
-            assert_error(
-                *await api.call("PUT", f"projects/{P}/subscriptions/bad", body),
-                400,
-                "INVALID_ARGUMENT",
-            )
-        assert_error(
-            *await api.call(
-                "PUT", f"projects/{P}/subscriptions/bad", {"topic": f"projects/{P}/topics/none"}
-            ),
-            404,
-            "NOT_FOUND",
-        )
+        }
+        status, got = await api.call("GET", f"projects/{P}/subscriptions/plain")
+        assert status == 200
+        assert "deadLetterPolicy" not in got
         assert_error(*await api.call("GET", f"projects/{P}/subscriptions/bad"), 404, "NOT_FOUND")
-        assert_error(*await api.call("GET", "v2/whatever"), 404, "NOT_FOUND")
+
+
+async def test_only_the_calls_the_worker_makes_are_routed(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with PubSubEmulator() as emu:
+        emu.create_topic(P, "jobs")
+        emu.create_subscription(P, "work", "jobs")
+        api = Api(session, emu)
+        for method, path in [
+            ("PUT", f"projects/{P}/topics/new"),
+            ("DELETE", f"projects/{P}/topics/jobs"),
+            ("GET", f"projects/{P}/topics"),
+            ("GET", f"projects/{P}/topics/jobs/subscriptions"),
+            ("PUT", f"projects/{P}/subscriptions/new"),
+            ("DELETE", f"projects/{P}/subscriptions/work"),
+            ("GET", f"projects/{P}/subscriptions"),
+            ("POST", f"projects/{P}/subscriptions/work:seek"),
+            ("POST", f"projects/{P}/topics/jobs:pull"),
+            ("GET", "v2/whatever"),
+        ]:
+            assert_error(*await api.call(method, path, {}), 404, "NOT_FOUND")
+        assert (await api.call("GET", f"projects/{P}/subscriptions/work"))[0] == 200
+
+
+def test_helpers_validate_what_they_create() -> None:
+    emu = PubSubEmulator()
+    emu.create_topic(P, "jobs")
+    with pytest.raises(ValueError, match="Invalid resource name"):
+        emu.create_topic(P, "projects/only-two")
+    with pytest.raises(ValueError, match="ack deadline"):
+        emu.create_subscription(P, "bad", "jobs", ack_deadline_s=601)
+    with pytest.raises(ValueError, match="max_delivery_attempts"):
+        emu.create_subscription(P, "bad", "jobs", dead_letter_topic="dlq", max_delivery_attempts=4)
+    with pytest.raises(ValueError, match="max_delivery_attempts"):
+        emu.create_subscription(
+            P, "bad", "jobs", dead_letter_topic="dlq", max_delivery_attempts=101
+        )
+    with pytest.raises(KeyError):
+        emu.create_subscription(P, "bad", "none")
+    with pytest.raises(KeyError):
+        emu.pending(P, "bad")  # nothing was created by the failed calls
 
 
 async def test_publish_fanout_pull_ack(session: aiohttp.ClientSession) -> None:
@@ -292,21 +299,14 @@ async def test_deadline_expiry_redelivers_with_new_ack_id(session: aiohttp.Clien
         assert_error(*await api.ack("s", "bogus"), 400, "INVALID_ARGUMENT")
 
 
-async def test_rest_short_deadline_needs_knob(session: aiohttp.ClientSession) -> None:
-    body = {"topic": f"projects/{P}/topics/jobs", "ackDeadlineSeconds": 1}
+async def test_short_deadline_needs_knob(session: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as strict, PubSubEmulator(min_ack_deadline_s=1) as loose:
         for emu in (strict, loose):
             emu.create_topic(P, "jobs")
-        status, err = await Api(session, strict).call(
-            "PUT", f"projects/{P}/subscriptions/short-sub", body
-        )
-        assert_error(status, err, 400, "INVALID_ARGUMENT")
-        assert "ack deadline" in err["error"]["message"]
         with pytest.raises(ValueError, match="ack deadline"):
-            strict.create_subscription(P, "s2", "jobs", ack_deadline_s=1)
-        status, cfg = await Api(session, loose).call(
-            "PUT", f"projects/{P}/subscriptions/short-sub", body
-        )
+            strict.create_subscription(P, "short-sub", "jobs", ack_deadline_s=1)
+        loose.create_subscription(P, "short-sub", "jobs", ack_deadline_s=1)
+        status, cfg = await Api(session, loose).call("GET", f"projects/{P}/subscriptions/short-sub")
         assert status == 200
         assert cfg["ackDeadlineSeconds"] == 1
 
