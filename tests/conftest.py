@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ async def metadata() -> AsyncIterator[MetadataServer]:
 
 
 @pytest.fixture
-def fast_settings(sim: Simulator, tmp_path: Path) -> Iterator[Settings]:
+def fast_settings(sim: Simulator, tmp_path: Path) -> Settings:
     """Settings pointed at the simulator, with retries that wait milliseconds, not seconds."""
     s = Settings()
     s.model.base_url = sim.base_url

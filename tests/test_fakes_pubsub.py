@@ -14,10 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-try:  # works whether or not tests/ is a package
-    from tests.fakes.pubsub_emulator import PubSubEmulator
-except ImportError:
-    from fakes.pubsub_emulator import PubSubEmulator  # type: ignore[no-redef]
+from .fakes.pubsub_emulator import PubSubEmulator
 
 P = "proj"
 
@@ -42,7 +39,8 @@ class Api:
         async with self.session.request(
             method, f"http://{self.emu.host_port}/v1/{path}", data=payload, headers=headers
         ) as resp:
-            return resp.status, await resp.json()
+            answer: dict[str, Any] = await resp.json()
+            return resp.status, answer
 
     async def publish(self, topic: str, *messages: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self.call(
@@ -54,14 +52,17 @@ class Api:
             "POST", f"projects/{P}/subscriptions/{sub}:pull", {"maxMessages": n}
         )
         assert status == 200, body
-        return body.get("receivedMessages", [])
+        received: list[dict[str, Any]] = body.get("receivedMessages", [])
+        return received
 
     async def ack(self, sub: str, *ack_ids: str) -> tuple[int, dict[str, Any]]:
         return await self.call(
             "POST", f"projects/{P}/subscriptions/{sub}:acknowledge", {"ackIds": list(ack_ids)}
         )
 
-    async def modack(self, sub: str, seconds: int | float, *ack_ids: str) -> tuple[int, dict]:
+    async def modack(
+        self, sub: str, seconds: int | float, *ack_ids: str
+    ) -> tuple[int, dict[str, Any]]:
         return await self.call(
             "POST",
             f"projects/{P}/subscriptions/{sub}:modifyAckDeadline",

@@ -161,9 +161,7 @@ async def _serve(state: ImageServer, ca: trustme.CA) -> AsyncIterator[ImageServe
     await runner.setup()
     site = web.TCPSite(runner, state.host, 0, ssl_context=server_ssl)
     await site.start()
-    server = site._server
-    assert server is not None
-    state.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.port = int(runner.addresses[0][1])
     try:
         yield state
     finally:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from worker.errors import ERROR_TYPES, JobError
 from worker.fetch import AddressGuard, display_url, storage_endpoint
 from worker.images import ImagePolicy, backend_reads_uris
+from worker.settings import INLINE_MODES, InlineMode
 
 from .conftest import EXAMPLES
 
@@ -222,8 +223,8 @@ uri_text = st.one_of(
 
 
 @PROPERTY
-@given(uri_text, st.sampled_from(["auto", "always", "never"]), st.booleans())
-def test_uri_checks_raise_only_documented_errors(uri: str, mode: str, vertex: bool) -> None:
+@given(uri_text, st.sampled_from(INLINE_MODES), st.booleans())
+def test_uri_checks_raise_only_documented_errors(uri: str, mode: InlineMode, vertex: bool) -> None:
     policy = ImagePolicy(file_root=None, inline_images=mode, backend_reads_uris=vertex)
     sent = _outcome(lambda: asyncio.run(policy.resolve(uri)))
     if isinstance(sent, JobError):

@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import pytest
@@ -21,7 +22,7 @@ from .conftest import REPO
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _settings(concurrency: int | str = 20) -> Settings:
+def _settings(concurrency: int | Literal["auto"] = 20) -> Settings:
     s = Settings()
     s.model.auth = "none"
     s.model.timeout_s = 10.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ def _write_jobs(tmp_path: Path, lines: list[str]) -> str:
     return f"file:{path}"
 
 
-def _outputs(settings: Settings) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def _outputs(settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     results = Path(settings.worker.sink.removeprefix("jsonl:"))
     dead = results.with_name("results.dead-letter.jsonl")
     return read_jsonl(results), read_jsonl(dead)
@@ -53,7 +54,7 @@ async def test_happy_path_describes_every_job_from_its_content(
     assert "red" in str(red["description"])
     assert red["model"] == "google/gemini-2.0-flash-001"
     assert red["attempts"] == 1
-    assert set(red["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}  # type: ignore[arg-type]
+    assert set(red["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert str(red["finished_at"]).endswith("Z")
     # Local files were inlined as data: URLs with the type sniffed from the bytes.
     sent = [r.body["messages"][0]["content"][1]["image_url"] for r in sim.requests]
@@ -78,7 +79,7 @@ async def test_transient_errors_and_resets_are_retried_to_success(
     by_status = sim.stats().by_status
     assert by_status.get(500, 0) + by_status.get(503, 0) > 0
     assert by_status.get(0, 0) > 0  # resets happened and were survived
-    assert max(int(r["attempts"]) for r in results) > 1  # type: ignore[call-overload]
+    assert max(int(r["attempts"]) for r in results) > 1
 
 
 async def test_429_waits_without_using_attempts(
@@ -97,7 +98,7 @@ async def test_429_waits_without_using_attempts(
     assert len(results) == 30
     assert sim.stats().by_status.get(429, 0) > 0
     assert stats.rate_limited > 0
-    assert max(int(r["attempts"]) for r in results) > 1  # type: ignore[call-overload]
+    assert max(int(r["attempts"]) for r in results) > 1
 
 
 async def test_permanent_400_goes_to_dead_letter_with_reason(
@@ -135,7 +136,7 @@ async def test_retries_exhausted_is_dead_lettered_for_a_file_source(
 
     _, dead = _outputs(fast_settings)
     assert stats.dead_lettered == 2
-    assert {d["error"]["type"] for d in dead} == {"retries_exhausted"}  # type: ignore[index]
+    assert {d["error"]["type"] for d in dead} == {"retries_exhausted"}
     assert all(d["attempts"] == 3 for d in dead)
     assert sim.stats().requests == 6
 
@@ -178,7 +179,7 @@ async def test_bad_lines_are_dead_lettered_and_the_run_goes_on(
     results, dead = _outputs(fast_settings)
     assert len(results) == 5
     assert stats.failed == 0
-    types = {str(d["id"]): d["error"]["type"] for d in dead}  # type: ignore[index]
+    types = {str(d["id"]): d["error"]["type"] for d in dead}
     assert types.pop("no-uri") == "missing_image_uri"
     assert types.pop("ftp") == "unsupported_scheme"
     assert types.pop("http") == "unsupported_scheme"

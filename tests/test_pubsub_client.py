@@ -159,8 +159,14 @@ async def test_bearer_token_is_sent_to_the_real_service_shape() -> None:
         return web.json_response({"name": "projects/p/subscriptions/s"})
 
     class Tokens:
+        """A TokenProvider: what the client needs is ``token`` and the refresh on a 401."""
+
+        expires_at = None
+        google = True
+
         def __init__(self) -> None:
             self.value = "t1"
+            self.refreshes = self.refresh_failures = 0
 
         async def start(self) -> None:
             return None
