@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from multidict import CIMultiDictProxy
 
@@ -233,7 +234,9 @@ async def test_revoke_and_delay_does_not_block_other_requests() -> None:
         aiohttp.ClientSession() as session,
     ):
         slow = asyncio.create_task(_get(session, server, token_path, **flavor))
-        await asyncio.sleep(0.05)
+        with anyio.fail_after(5):  # counted on arrival, then held for delay_s
+            while server.token_requests == 0:
+                await asyncio.sleep(0.01)
         t0 = time.monotonic()
         status, body, _ = await _get(
             session, server, "/computeMetadata/v1/project/project-id", **flavor

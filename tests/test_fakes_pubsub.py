@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 
 from .fakes.pubsub_emulator import PubSubEmulator
@@ -327,16 +328,18 @@ async def test_background_sweep_wakes_waiting_pull(session: aiohttp.ClientSessio
         assert "deliveryAttempt" not in d2
 
         # A waiting pull is woken by a publish.
-        async def later() -> None:
-            await asyncio.sleep(0.1)
-            emu.publish(P, "jobs", b"y")
-
-        task = asyncio.create_task(later())
         await api.ack("s", d2["ackId"])
+        pulls = emu.stats["pulls"]
+        pull = asyncio.create_task(api.pull("s"))
+        # The pull is counted on arrival and, finding nothing, waits without a step between:
+        # once it is counted it is waiting.
+        with anyio.fail_after(5):
+            while emu.stats["pulls"] == pulls:
+                await asyncio.sleep(0.01)
         t0 = time.monotonic()
-        (d3,) = await api.pull("s")
-        await task
-        assert time.monotonic() - t0 < 0.6
+        emu.publish(P, "jobs", b"y")
+        (d3,) = await pull
+        assert time.monotonic() - t0 < 0.6  # woken, not answered when pull_wait_s ran out
         assert base64.b64decode(d3["message"]["data"]) == b"y"
 
 

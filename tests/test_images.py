@@ -296,9 +296,18 @@ async def test_inline_budget_bounds_reads_and_keeps_only_what_the_url_needs(
     # With the budget full, a new read (which reserves the worst case first) waits ...
     filler = policy.budget.capacity - policy.budget.used
     await policy.budget.take(filler)
-    with anyio.move_on_after(0.2) as blocked:
-        await policy.resolve_held(str(image))
-    assert blocked.cancelled_caught
+    finished: list[tuple[str, int]] = []
+
+    async def read() -> None:
+        finished.append(await policy.resolve_held(str(image)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()
+        assert finished == []  # blocked: nothing else can make progress
+        assert policy.budget.used == policy.budget.capacity
+        tg.cancel_scope.cancel()
+    assert finished == []
     assert policy.budget.used == policy.budget.capacity  # the cancelled wait took nothing
     # ... and goes ahead once jobs release what they held.
     policy.budget.give(filler)
