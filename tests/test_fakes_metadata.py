@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import anyio
 import pytest
 from multidict import CIMultiDictProxy
 
 from .fakes.metadata_server import TOKEN_PREFIX, MetadataServer
+from .helpers import wait_until
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -234,9 +234,8 @@ async def test_revoke_and_delay_does_not_block_other_requests() -> None:
         aiohttp.ClientSession() as session,
     ):
         slow = asyncio.create_task(_get(session, server, token_path, **flavor))
-        with anyio.fail_after(5):  # counted on arrival, then held for delay_s
-            while server.token_requests == 0:
-                await asyncio.sleep(0.01)
+        # Counted on arrival, then held for delay_s.
+        await wait_until(lambda: server.token_requests == 1, 5, "the token request")
         t0 = time.monotonic()
         status, body, _ = await _get(
             session, server, "/computeMetadata/v1/project/project-id", **flavor

@@ -8,14 +8,13 @@ import datetime
 import io
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import anyio
 import pytest
 
 from .fakes.pubsub_emulator import PubSubEmulator
+from .helpers import wait_until
 
 P = "proj"
 
@@ -71,12 +70,6 @@ class Api:
         )
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 def assert_error(status: int, body: dict[str, Any], code: int, grpc_status: str) -> None:
     assert status == code, body
     assert body["error"]["code"] == code
@@ -84,14 +77,14 @@ def assert_error(status: int, body: dict[str, Any], code: int, grpc_status: str)
     assert body["error"]["message"]
 
 
-async def test_get_topic_and_subscription(session: aiohttp.ClientSession) -> None:
+async def test_get_topic_and_subscription(http: aiohttp.ClientSession) -> None:
     """The two reads the worker makes at start-up: does the topic exist, what is the
     subscription's ack deadline."""
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "plain", "jobs")
         emu.create_subscription(P, "work", "jobs", dead_letter_topic="dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         status, body = await api.call("GET", f"projects/{P}/topics/jobs")
         assert (status, body) == (200, {"name": f"projects/{P}/topics/jobs"})
         assert (await api.call("GET", f"projects/{P}/topics/dlq"))[0] == 200  # created for it
@@ -115,12 +108,12 @@ async def test_get_topic_and_subscription(session: aiohttp.ClientSession) -> Non
 
 
 async def test_only_the_calls_the_worker_makes_are_routed(
-    session: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
 ) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "work", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         for method, path in [
             ("PUT", f"projects/{P}/topics/new"),
             ("DELETE", f"projects/{P}/topics/jobs"),
@@ -156,12 +149,12 @@ def test_helpers_validate_what_they_create() -> None:
         emu.pending(P, "bad")  # nothing was created by the failed calls
 
 
-async def test_publish_fanout_pull_ack(session: aiohttp.ClientSession) -> None:
+async def test_publish_fanout_pull_ack(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "a", "jobs")
         emu.create_subscription(P, "b", f"projects/{P}/topics/jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         status, body = await api.publish(
             "jobs",
             {"data": b64(b"one"), "attributes": {"k": "v1"}},
@@ -227,11 +220,11 @@ async def test_publish_fanout_pull_ack(session: aiohttp.ClientSession) -> None:
         )
 
 
-async def test_publish_validation_and_faults(session: aiohttp.ClientSession) -> None:
+async def test_publish_validation_and_faults(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         assert_error(*await api.publish("missing", {"data": b64(b"x")}), 404, "NOT_FOUND")
         assert_error(*await api.publish("jobs"), 400, "INVALID_ARGUMENT")
         assert_error(*await api.publish("jobs", {}), 400, "INVALID_ARGUMENT")
@@ -266,11 +259,11 @@ async def test_publish_validation_and_faults(session: aiohttp.ClientSession) -> 
         assert emu.stats["failed_publishes"] == 1
 
 
-async def test_deadline_expiry_redelivers_with_new_ack_id(session: aiohttp.ClientSession) -> None:
+async def test_deadline_expiry_redelivers_with_new_ack_id(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(min_ack_deadline_s=0.1) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", ack_deadline_s=0.3, dead_letter_topic="dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         msg_id = emu.publish(P, "jobs", b"payload", {"a": "1"})
 
         (d1,) = await api.pull("s")
@@ -301,23 +294,23 @@ async def test_deadline_expiry_redelivers_with_new_ack_id(session: aiohttp.Clien
         assert_error(*await api.ack("s", "bogus"), 400, "INVALID_ARGUMENT")
 
 
-async def test_short_deadline_needs_knob(session: aiohttp.ClientSession) -> None:
+async def test_short_deadline_needs_knob(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as strict, PubSubEmulator(min_ack_deadline_s=1) as loose:
         for emu in (strict, loose):
             emu.create_topic(P, "jobs")
         with pytest.raises(ValueError, match="ack deadline"):
             strict.create_subscription(P, "short-sub", "jobs", ack_deadline_s=1)
         loose.create_subscription(P, "short-sub", "jobs", ack_deadline_s=1)
-        status, cfg = await Api(session, loose).call("GET", f"projects/{P}/subscriptions/short-sub")
+        status, cfg = await Api(http, loose).call("GET", f"projects/{P}/subscriptions/short-sub")
         assert status == 200
         assert cfg["ackDeadlineSeconds"] == 1
 
 
-async def test_background_sweep_wakes_waiting_pull(session: aiohttp.ClientSession) -> None:
+async def test_background_sweep_wakes_waiting_pull(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(pull_wait_s=1.5, min_ack_deadline_s=0.1) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", ack_deadline_s=0.3)
-        api = Api(session, emu)
+        api = Api(http, emu)
         emu.publish(P, "jobs", b"x")
         (d1,) = await api.pull("s")
         t0 = time.monotonic()
@@ -333,9 +326,7 @@ async def test_background_sweep_wakes_waiting_pull(session: aiohttp.ClientSessio
         pull = asyncio.create_task(api.pull("s"))
         # The pull is counted on arrival and, finding nothing, waits without a step between:
         # once it is counted it is waiting.
-        with anyio.fail_after(5):
-            while emu.stats["pulls"] == pulls:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: emu.stats["pulls"] > pulls, 5, "the pull to arrive")
         t0 = time.monotonic()
         emu.publish(P, "jobs", b"y")
         (d3,) = await pull
@@ -343,21 +334,21 @@ async def test_background_sweep_wakes_waiting_pull(session: aiohttp.ClientSessio
         assert base64.b64decode(d3["message"]["data"]) == b"y"
 
 
-async def test_empty_pull_waits_at_most_pull_wait(session: aiohttp.ClientSession) -> None:
+async def test_empty_pull_waits_at_most_pull_wait(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(pull_wait_s=0.3) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
         t0 = time.monotonic()
-        assert await Api(session, emu).pull("s") == []
+        assert await Api(http, emu).pull("s") == []
         assert 0.25 < time.monotonic() - t0 < 1.0
         assert emu.stats["empty_pulls"] == 1
 
 
-async def test_nack_and_modack(session: aiohttp.ClientSession) -> None:
+async def test_nack_and_modack(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(min_ack_deadline_s=0.1) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", ack_deadline_s=0.3, dead_letter_topic="dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         emu.publish(P, "jobs", b"a")
         emu.publish(P, "jobs", b"b")
         d1, d2 = await api.pull("s")
@@ -387,12 +378,12 @@ async def test_nack_and_modack(session: aiohttp.ClientSession) -> None:
         assert emu.outstanding(P, "s") == 0
 
 
-async def test_dead_letter_after_max_attempts(session: aiohttp.ClientSession) -> None:
+async def test_dead_letter_after_max_attempts(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", dead_letter_topic="dlq", max_delivery_attempts=5)
         emu.create_subscription(P, "dlq-sub", "dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         msg_id = emu.publish(P, "jobs", b"poison", {"job": "7"})
         attempts = []
         for _ in range(5):
@@ -416,11 +407,11 @@ async def test_dead_letter_after_max_attempts(session: aiohttp.ClientSession) ->
         assert base64.b64decode(on_dlq["message"]["data"]) == b"poison"
 
 
-async def test_ack_request_limits(session: aiohttp.ClientSession) -> None:
+async def test_ack_request_limits(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         for i in range(1001):
             emu.publish(P, "jobs", str(i).encode())
         got = await api.pull("s", 1000)
@@ -449,11 +440,11 @@ async def test_ack_request_limits(session: aiohttp.ClientSession) -> None:
         assert emu.stats["acks"] == 1001
 
 
-async def test_fault_injection(session: aiohttp.ClientSession) -> None:
+async def test_fault_injection(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         emu.publish(P, "jobs", b"x")
 
         emu.fail_pull = 2
@@ -481,7 +472,7 @@ async def test_fault_injection(session: aiohttp.ClientSession) -> None:
         assert emu.stats["failed_pulls"] == 2
 
 
-async def test_helpers_before_start_and_restart(session: aiohttp.ClientSession) -> None:
+async def test_helpers_before_start_and_restart(http: aiohttp.ClientSession) -> None:
     emu = PubSubEmulator()
     emu.create_topic(P, "jobs")
     emu.create_topic(P, "jobs")  # idempotent
@@ -494,10 +485,10 @@ async def test_helpers_before_start_and_restart(session: aiohttp.ClientSession) 
         emu.publish(P, "missing", b"x")
     emu.publish(P, "jobs", b"early")
     async with emu:
-        (d,) = await Api(session, emu).pull("s")
+        (d,) = await Api(http, emu).pull("s")
         assert base64.b64decode(d["message"]["data"]) == b"early"
     # State survives a restart; the outstanding delivery is still tracked.
     async with emu:
         assert emu.outstanding(P, "s") == 1
-        assert await Api(session, emu).ack("s", d["ackId"]) == (200, {})
+        assert await Api(http, emu).ack("s", d["ackId"]) == (200, {})
     assert emu.acked(P, "s") == 1

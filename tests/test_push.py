@@ -32,7 +32,7 @@ from worker.app import serve_push
 from worker.settings import Settings
 from worker.simulator import Simulator
 
-from .conftest import read_jsonl
+from .helpers import read_jsonl
 
 AUDIENCE = "https://worker.example.run.app/push"
 PUSHER = "pusher@proj.iam.gserviceaccount.com"

@@ -12,7 +12,7 @@ import pytest
 from worker.errors import ConfigError
 from worker.settings import INLINE_MODES, Settings, load_settings
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
