@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on 127.0.0.1 and a factory for in-process runs.
+"""Shared fixtures: real servers on 127.0.0.1 and settings for in-process runs (plain
+helpers are in helpers.py).
 
 google-auth reads GCE_METADATA_HOST when it is first imported, so the fake metadata
 server's port is reserved here, before anything imports google.auth, and every test that
@@ -9,22 +10,16 @@ no key file, no gcloud user credentials.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
+import aiohttp
 import pytest
 
+from .helpers import PROJECT, REPO, free_port, quick_settings
 
-def _reserve_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-METADATA_PORT = _reserve_port()
+METADATA_PORT = free_port()
 os.environ["GCE_METADATA_HOST"] = f"127.0.0.1:{METADATA_PORT}"
 os.environ["GCE_METADATA_IP"] = f"127.0.0.1:{METADATA_PORT}"
 os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
@@ -38,9 +33,7 @@ from worker.settings import Settings  # noqa: E402
 from worker.simulator import SimConfig, Simulator  # noqa: E402
 
 from .fakes.metadata_server import MetadataServer  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples" / "images"
+from .fakes.pubsub_emulator import PubSubEmulator  # noqa: E402
 
 
 @pytest.fixture
@@ -64,14 +57,26 @@ async def metadata() -> AsyncIterator[MetadataServer]:
 
 
 @pytest.fixture
-def fast_settings(sim: Simulator, tmp_path: Path) -> Iterator[Settings]:
+async def emu() -> AsyncIterator[PubSubEmulator]:
+    """The Pub/Sub emulator with topic ``jobs`` and its subscription ``work`` (project
+    ``helpers.PROJECT``)."""
+    async with PubSubEmulator() as e:
+        e.create_topic(PROJECT, "jobs")
+        e.create_subscription(PROJECT, "work", "jobs")
+        yield e
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def fast_settings(sim: Simulator, tmp_path: Path) -> Settings:
     """Settings pointed at the simulator, with retries that wait milliseconds, not seconds."""
-    s = Settings()
+    s = quick_settings()
     s.model.base_url = sim.base_url
-    s.model.auth = "none"
-    s.model.timeout_s = 10.0
-    s.retry.initial_backoff_s = 0.005
-    s.retry.max_backoff_s = 0.02
     s.retry.deadline_s = 20.0
     s.worker.concurrency = 8
     s.worker.sink = f"jsonl:{tmp_path / 'out' / 'results.jsonl'}"
@@ -79,11 +84,3 @@ def fast_settings(sim: Simulator, tmp_path: Path) -> Iterator[Settings]:
     # The simulator stands in for Vertex AI, which reads gs:// and data: itself.
     s.images.backend = "vertex"
     return s.validate()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

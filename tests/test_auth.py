@@ -4,7 +4,6 @@ only the tokens that server issued, until they expire."""
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -15,23 +14,13 @@ from worker.auth import GoogleTokens
 from worker.settings import Settings
 from worker.simulator import Simulator
 
-from .conftest import read_jsonl
 from .fakes.metadata_server import MetadataServer
+from .helpers import gs_jobs, jobs_file, read_jsonl
 
 
 def _wire(metadata: MetadataServer, sim: Simulator) -> None:
     sim.config.require_token = True
     metadata.on_issue = sim.accept_token
-
-
-def _jobs(tmp_path: Path, n: int) -> str:
-    path = tmp_path / "jobs.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"id": f"j{i}", "image_uri": f"gs://b/{i}.jpg"}) + "\n" for i in range(n)
-        )
-    )
-    return f"file:{path}"
 
 
 async def test_short_lived_tokens_are_refreshed_ahead_of_expiry(
@@ -43,7 +32,7 @@ async def test_short_lived_tokens_are_refreshed_ahead_of_expiry(
     fast_settings.model.auth = "google"
     fast_settings.worker.concurrency = 2
     # 240 jobs x 50 ms / 2 in flight = about 6 s: over three token lifetimes.
-    fast_settings.worker.source = _jobs(tmp_path, 240)
+    fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(240, "j"))
 
     started = time.time()
     stats = await run_worker(fast_settings)
@@ -69,7 +58,7 @@ async def test_revoked_token_is_recovered_with_one_refresh(
     fast_settings.worker.concurrency = 16
     fast_settings.retry.max_attempts = 1  # the 401 path must recover without a retry attempt
     sim.config.latency_ms = 20.0
-    fast_settings.worker.source = _jobs(tmp_path, 200)
+    fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(200, "j"))
 
     async def revoke_soon() -> None:
         while sim.stats().requests < 50:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,17 +13,14 @@ import pytest
 
 from worker.simulator import Simulator
 
-from .conftest import REPO, read_jsonl
+from .helpers import REPO, gs_jobs, jobs_file, read_jsonl, worker_env
 
 SEED_URI = "gs://cloud-samples-data/generative-ai/image/scones.jpg"
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    env["PYTHONUNBUFFERED"] = "1"
     # The simulator stands in for Vertex AI, which reads gs:// and data: itself.
-    env["WORKER_IMAGES__BACKEND"] = "vertex"
-    return env
+    return worker_env(WORKER_IMAGES__BACKEND="vertex")
 
 
 async def _worker(
@@ -114,8 +110,7 @@ async def test_bad_env_value_exits_2() -> None:
 def _start_up_errors(tmp_path: Path) -> list[tuple[list[str], dict[str, str], str, str]]:
     """(args, extra env, key, what the line must name) for each start-up failure a user
     can cause."""
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text('{"image_uri": "gs://b/o.jpg"}\n')
+    source = jobs_file(tmp_path, ['{"image_uri": "gs://b/o.jpg"}'])
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     creds = tmp_path / "creds.json"
@@ -127,19 +122,19 @@ def _start_up_errors(tmp_path: Path) -> list[tuple[list[str], dict[str, str], st
         (["--source", "file:/does/not/exist.jsonl"], {}, "worker.source", "/does/not/exist.jsonl"),
         (["--source", f"file:{tmp_path}"], {}, "worker.source", "is a directory"),
         (
-            ["--source", f"file:{jobs}", "--sink", f"jsonl:{blocker}/r.jsonl"],
+            ["--source", source, "--sink", f"jsonl:{blocker}/r.jsonl"],
             {},
             "worker.sink",
             "a-file",
         ),
         (
-            ["--source", f"file:{jobs}", "--sink", ok_sink, "--dead-letter", f"jsonl:{blocker}/d"],
+            ["--source", source, "--sink", ok_sink, "--dead-letter", f"jsonl:{blocker}/d"],
             {},
             "worker.dead_letter",
             "a-file",
         ),
         (
-            ["--source", f"file:{jobs}", "--sink", ok_sink, "--auth", "google"],
+            ["--source", source, "--sink", ok_sink, "--auth", "google"],
             {"GOOGLE_APPLICATION_CREDENTIALS": str(creds)},
             "model.auth",
             "creds.json",
@@ -187,16 +182,11 @@ async def test_sigkill_mid_run_then_rerun_finishes_every_job_exactly_once(
     sim: Simulator, tmp_path: Path
 ) -> None:
     sim.config.latency_ms = 20.0
-    jobs = tmp_path / "jobs.jsonl"
     n = 400
-    jobs.write_text(
-        "".join(
-            json.dumps({"id": f"k{i}", "image_uri": f"gs://b/{i}.jpg"}) + "\n" for i in range(n)
-        )
-    )
+    source = jobs_file(tmp_path, gs_jobs(n, "k"))
     sink = tmp_path / "out" / "results.jsonl"
     cmd = [
-        sys.executable, "-m", "worker", "run", "--source", f"file:{jobs}", "--sink", f"jsonl:{sink}",
+        sys.executable, "-m", "worker", "run", "--source", source, "--sink", f"jsonl:{sink}",
         "--base-url", sim.base_url, "--auth", "none", "--concurrency", "4",
     ]  # fmt: skip
 

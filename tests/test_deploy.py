@@ -16,7 +16,7 @@ from worker.app import CLEANUP_TIMEOUT_S
 from worker.http import DEFAULT_PORT, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
 from worker.settings import Settings, load_settings
 
-from .conftest import REPO
+from .helpers import REPO
 
 K8S = REPO / "deploy" / "k8s"
 CLOUDRUN = REPO / "deploy" / "cloudrun"

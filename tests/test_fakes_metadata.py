@@ -12,11 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDictProxy
 
-try:  # works whether or not tests/ is a package
-    from tests.fakes.metadata_server import TOKEN_PREFIX, MetadataServer
-except ImportError:
-    from fakes.metadata_server import TOKEN_PREFIX, MetadataServer  # type: ignore[no-redef]
+from .fakes.metadata_server import TOKEN_PREFIX, MetadataServer
+from .helpers import wait_until
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -82,7 +81,8 @@ async def _run_google_auth(server: MetadataServer, sdk_dir: Path) -> dict[str, A
         await proc.wait()
         raise
     assert proc.returncode == 0, err.decode(errors="replace")
-    return json.loads(out.decode().strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return report
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ async def test_google_auth_retries_503_and_short_ttl(sdk_dir: Path) -> None:
 
 async def _get(
     session: aiohttp.ClientSession, server: MetadataServer, path: str, **headers: str
-) -> tuple[int, str, aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, str, CIMultiDictProxy[str]]:
     async with session.get(server.url + path, headers=headers) as resp:
         return resp.status, await resp.text(), resp.headers
 
@@ -234,7 +234,8 @@ async def test_revoke_and_delay_does_not_block_other_requests() -> None:
         aiohttp.ClientSession() as session,
     ):
         slow = asyncio.create_task(_get(session, server, token_path, **flavor))
-        await asyncio.sleep(0.05)
+        # Counted on arrival, then held for delay_s.
+        await wait_until(lambda: server.token_requests == 1, 5, "the token request")
         t0 = time.monotonic()
         status, body, _ = await _get(
             session, server, "/computeMetadata/v1/project/project-id", **flavor

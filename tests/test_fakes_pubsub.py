@@ -8,16 +8,13 @@ import datetime
 import io
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-try:  # works whether or not tests/ is a package
-    from tests.fakes.pubsub_emulator import PubSubEmulator
-except ImportError:
-    from fakes.pubsub_emulator import PubSubEmulator  # type: ignore[no-redef]
+from .fakes.pubsub_emulator import PubSubEmulator
+from .helpers import wait_until
 
 P = "proj"
 
@@ -42,7 +39,8 @@ class Api:
         async with self.session.request(
             method, f"http://{self.emu.host_port}/v1/{path}", data=payload, headers=headers
         ) as resp:
-            return resp.status, await resp.json()
+            answer: dict[str, Any] = await resp.json()
+            return resp.status, answer
 
     async def publish(self, topic: str, *messages: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return await self.call(
@@ -54,25 +52,22 @@ class Api:
             "POST", f"projects/{P}/subscriptions/{sub}:pull", {"maxMessages": n}
         )
         assert status == 200, body
-        return body.get("receivedMessages", [])
+        received: list[dict[str, Any]] = body.get("receivedMessages", [])
+        return received
 
     async def ack(self, sub: str, *ack_ids: str) -> tuple[int, dict[str, Any]]:
         return await self.call(
             "POST", f"projects/{P}/subscriptions/{sub}:acknowledge", {"ackIds": list(ack_ids)}
         )
 
-    async def modack(self, sub: str, seconds: int | float, *ack_ids: str) -> tuple[int, dict]:
+    async def modack(
+        self, sub: str, seconds: int | float, *ack_ids: str
+    ) -> tuple[int, dict[str, Any]]:
         return await self.call(
             "POST",
             f"projects/{P}/subscriptions/{sub}:modifyAckDeadline",
             {"ackIds": list(ack_ids), "ackDeadlineSeconds": seconds},
         )
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def assert_error(status: int, body: dict[str, Any], code: int, grpc_status: str) -> None:
@@ -82,77 +77,84 @@ def assert_error(status: int, body: dict[str, Any], code: int, grpc_status: str)
     assert body["error"]["message"]
 
 
-async def test_admin_topics_and_subscriptions(session: aiohttp.ClientSession) -> None:
+async def test_get_topic_and_subscription(http: aiohttp.ClientSession) -> None:
+    """The two reads the worker makes at start-up: does the topic exist, what is the
+    subscription's ack deadline."""
     async with PubSubEmulator() as emu:
-        api = Api(session, emu)
-        status, body = await api.call("PUT", f"projects/{P}/topics/jobs", {})
+        emu.create_topic(P, "jobs")
+        emu.create_subscription(P, "plain", "jobs")
+        emu.create_subscription(P, "work", "jobs", dead_letter_topic="dlq")
+        api = Api(http, emu)
+        status, body = await api.call("GET", f"projects/{P}/topics/jobs")
         assert (status, body) == (200, {"name": f"projects/{P}/topics/jobs"})
-        assert_error(*await api.call("PUT", f"projects/{P}/topics/jobs", {}), 409, "ALREADY_EXISTS")
-        assert (await api.call("GET", f"projects/{P}/topics/jobs"))[0] == 200
+        assert (await api.call("GET", f"projects/{P}/topics/dlq"))[0] == 200  # created for it
         assert_error(*await api.call("GET", f"projects/{P}/topics/nope"), 404, "NOT_FOUND")
-        assert_error(*await api.call("PUT", f"projects/{P}/topics/x", {}), 400, "INVALID_ARGUMENT")
-        assert_error(
-            *await api.call("PUT", f"projects/{P}/topics/goog-x", {}), 400, "INVALID_ARGUMENT"
-        )
-        await api.call("PUT", f"projects/{P}/topics/dlq", {})
 
-        sub_body = {
-            "topic": f"projects/{P}/topics/jobs",
-            "deadLetterPolicy": {"deadLetterTopic": f"projects/{P}/topics/dlq"},
-            "retryPolicy": {"minimumBackoff": "10s"},
-        }
-        status, cfg = await api.call("PUT", f"projects/{P}/subscriptions/work", sub_body)
-        assert status == 200, cfg
         status, got = await api.call("GET", f"projects/{P}/subscriptions/work")
-        assert status == 200
-        assert got == cfg
-        assert got["name"] == f"projects/{P}/subscriptions/work"
-        assert got["topic"] == f"projects/{P}/topics/jobs"
-        assert got["ackDeadlineSeconds"] == 10
-        assert got["deadLetterPolicy"] == {
-            "deadLetterTopic": f"projects/{P}/topics/dlq",
-            "maxDeliveryAttempts": 5,
-        }
-        assert_error(
-            *await api.call("PUT", f"projects/{P}/subscriptions/work", sub_body),
-            409,
-            "ALREADY_EXISTS",
-        )
-        bad = [
-            {"topic": f"projects/{P}/topics/jobs", "ackDeadlineSeconds": 5},
-            {"topic": f"projects/{P}/topics/jobs", "ackDeadlineSeconds": 601},
-            {
-                "topic": f"projects/{P}/topics/jobs",
-                "deadLetterPolicy": {
-                    "deadLetterTopic": f"projects/{P}/topics/dlq",
-                    "maxDeliveryAttempts": 4,
-                },
+        assert status == 200, got
+        assert got == {
+            "name": f"projects/{P}/subscriptions/work",
+            "topic": f"projects/{P}/topics/jobs",
+            "ackDeadlineSeconds": 10,
+            "deadLetterPolicy": {
+                "deadLetterTopic": f"projects/{P}/topics/dlq",
+                "maxDeliveryAttempts": 5,
             },
-            {},
-        ]
-        for body in bad:
-            assert_error(
-                *await api.call("PUT", f"projects/{P}/subscriptions/bad", body),
-                400,
-                "INVALID_ARGUMENT",
-            )
-        assert_error(
-            *await api.call(
-                "PUT", f"projects/{P}/subscriptions/bad", {"topic": f"projects/{P}/topics/none"}
-            ),
-            404,
-            "NOT_FOUND",
-        )
+        }
+        status, got = await api.call("GET", f"projects/{P}/subscriptions/plain")
+        assert status == 200
+        assert "deadLetterPolicy" not in got
         assert_error(*await api.call("GET", f"projects/{P}/subscriptions/bad"), 404, "NOT_FOUND")
-        assert_error(*await api.call("GET", "v2/whatever"), 404, "NOT_FOUND")
 
 
-async def test_publish_fanout_pull_ack(session: aiohttp.ClientSession) -> None:
+async def test_only_the_calls_the_worker_makes_are_routed(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with PubSubEmulator() as emu:
+        emu.create_topic(P, "jobs")
+        emu.create_subscription(P, "work", "jobs")
+        api = Api(http, emu)
+        for method, path in [
+            ("PUT", f"projects/{P}/topics/new"),
+            ("DELETE", f"projects/{P}/topics/jobs"),
+            ("GET", f"projects/{P}/topics"),
+            ("GET", f"projects/{P}/topics/jobs/subscriptions"),
+            ("PUT", f"projects/{P}/subscriptions/new"),
+            ("DELETE", f"projects/{P}/subscriptions/work"),
+            ("GET", f"projects/{P}/subscriptions"),
+            ("POST", f"projects/{P}/subscriptions/work:seek"),
+            ("POST", f"projects/{P}/topics/jobs:pull"),
+            ("GET", "v2/whatever"),
+        ]:
+            assert_error(*await api.call(method, path, {}), 404, "NOT_FOUND")
+        assert (await api.call("GET", f"projects/{P}/subscriptions/work"))[0] == 200
+
+
+def test_helpers_validate_what_they_create() -> None:
+    emu = PubSubEmulator()
+    emu.create_topic(P, "jobs")
+    with pytest.raises(ValueError, match="Invalid resource name"):
+        emu.create_topic(P, "projects/only-two")
+    with pytest.raises(ValueError, match="ack deadline"):
+        emu.create_subscription(P, "bad", "jobs", ack_deadline_s=601)
+    with pytest.raises(ValueError, match="max_delivery_attempts"):
+        emu.create_subscription(P, "bad", "jobs", dead_letter_topic="dlq", max_delivery_attempts=4)
+    with pytest.raises(ValueError, match="max_delivery_attempts"):
+        emu.create_subscription(
+            P, "bad", "jobs", dead_letter_topic="dlq", max_delivery_attempts=101
+        )
+    with pytest.raises(KeyError):
+        emu.create_subscription(P, "bad", "none")
+    with pytest.raises(KeyError):
+        emu.pending(P, "bad")  # nothing was created by the failed calls
+
+
+async def test_publish_fanout_pull_ack(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "a", "jobs")
         emu.create_subscription(P, "b", f"projects/{P}/topics/jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         status, body = await api.publish(
             "jobs",
             {"data": b64(b"one"), "attributes": {"k": "v1"}},
@@ -218,11 +220,11 @@ async def test_publish_fanout_pull_ack(session: aiohttp.ClientSession) -> None:
         )
 
 
-async def test_publish_validation_and_faults(session: aiohttp.ClientSession) -> None:
+async def test_publish_validation_and_faults(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         assert_error(*await api.publish("missing", {"data": b64(b"x")}), 404, "NOT_FOUND")
         assert_error(*await api.publish("jobs"), 400, "INVALID_ARGUMENT")
         assert_error(*await api.publish("jobs", {}), 400, "INVALID_ARGUMENT")
@@ -257,11 +259,11 @@ async def test_publish_validation_and_faults(session: aiohttp.ClientSession) -> 
         assert emu.stats["failed_publishes"] == 1
 
 
-async def test_deadline_expiry_redelivers_with_new_ack_id(session: aiohttp.ClientSession) -> None:
+async def test_deadline_expiry_redelivers_with_new_ack_id(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(min_ack_deadline_s=0.1) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", ack_deadline_s=0.3, dead_letter_topic="dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         msg_id = emu.publish(P, "jobs", b"payload", {"a": "1"})
 
         (d1,) = await api.pull("s")
@@ -292,30 +294,23 @@ async def test_deadline_expiry_redelivers_with_new_ack_id(session: aiohttp.Clien
         assert_error(*await api.ack("s", "bogus"), 400, "INVALID_ARGUMENT")
 
 
-async def test_rest_short_deadline_needs_knob(session: aiohttp.ClientSession) -> None:
-    body = {"topic": f"projects/{P}/topics/jobs", "ackDeadlineSeconds": 1}
+async def test_short_deadline_needs_knob(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as strict, PubSubEmulator(min_ack_deadline_s=1) as loose:
         for emu in (strict, loose):
             emu.create_topic(P, "jobs")
-        status, err = await Api(session, strict).call(
-            "PUT", f"projects/{P}/subscriptions/short-sub", body
-        )
-        assert_error(status, err, 400, "INVALID_ARGUMENT")
-        assert "ack deadline" in err["error"]["message"]
         with pytest.raises(ValueError, match="ack deadline"):
-            strict.create_subscription(P, "s2", "jobs", ack_deadline_s=1)
-        status, cfg = await Api(session, loose).call(
-            "PUT", f"projects/{P}/subscriptions/short-sub", body
-        )
+            strict.create_subscription(P, "short-sub", "jobs", ack_deadline_s=1)
+        loose.create_subscription(P, "short-sub", "jobs", ack_deadline_s=1)
+        status, cfg = await Api(http, loose).call("GET", f"projects/{P}/subscriptions/short-sub")
         assert status == 200
         assert cfg["ackDeadlineSeconds"] == 1
 
 
-async def test_background_sweep_wakes_waiting_pull(session: aiohttp.ClientSession) -> None:
+async def test_background_sweep_wakes_waiting_pull(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(pull_wait_s=1.5, min_ack_deadline_s=0.1) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", ack_deadline_s=0.3)
-        api = Api(session, emu)
+        api = Api(http, emu)
         emu.publish(P, "jobs", b"x")
         (d1,) = await api.pull("s")
         t0 = time.monotonic()
@@ -326,34 +321,34 @@ async def test_background_sweep_wakes_waiting_pull(session: aiohttp.ClientSessio
         assert "deliveryAttempt" not in d2
 
         # A waiting pull is woken by a publish.
-        async def later() -> None:
-            await asyncio.sleep(0.1)
-            emu.publish(P, "jobs", b"y")
-
-        task = asyncio.create_task(later())
         await api.ack("s", d2["ackId"])
+        pulls = emu.stats["pulls"]
+        pull = asyncio.create_task(api.pull("s"))
+        # The pull is counted on arrival and, finding nothing, waits without a step between:
+        # once it is counted it is waiting.
+        await wait_until(lambda: emu.stats["pulls"] > pulls, 5, "the pull to arrive")
         t0 = time.monotonic()
-        (d3,) = await api.pull("s")
-        await task
-        assert time.monotonic() - t0 < 0.6
+        emu.publish(P, "jobs", b"y")
+        (d3,) = await pull
+        assert time.monotonic() - t0 < 0.6  # woken, not answered when pull_wait_s ran out
         assert base64.b64decode(d3["message"]["data"]) == b"y"
 
 
-async def test_empty_pull_waits_at_most_pull_wait(session: aiohttp.ClientSession) -> None:
+async def test_empty_pull_waits_at_most_pull_wait(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(pull_wait_s=0.3) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
         t0 = time.monotonic()
-        assert await Api(session, emu).pull("s") == []
+        assert await Api(http, emu).pull("s") == []
         assert 0.25 < time.monotonic() - t0 < 1.0
         assert emu.stats["empty_pulls"] == 1
 
 
-async def test_nack_and_modack(session: aiohttp.ClientSession) -> None:
+async def test_nack_and_modack(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator(min_ack_deadline_s=0.1) as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", ack_deadline_s=0.3, dead_letter_topic="dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         emu.publish(P, "jobs", b"a")
         emu.publish(P, "jobs", b"b")
         d1, d2 = await api.pull("s")
@@ -383,12 +378,12 @@ async def test_nack_and_modack(session: aiohttp.ClientSession) -> None:
         assert emu.outstanding(P, "s") == 0
 
 
-async def test_dead_letter_after_max_attempts(session: aiohttp.ClientSession) -> None:
+async def test_dead_letter_after_max_attempts(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs", dead_letter_topic="dlq", max_delivery_attempts=5)
         emu.create_subscription(P, "dlq-sub", "dlq")
-        api = Api(session, emu)
+        api = Api(http, emu)
         msg_id = emu.publish(P, "jobs", b"poison", {"job": "7"})
         attempts = []
         for _ in range(5):
@@ -412,11 +407,11 @@ async def test_dead_letter_after_max_attempts(session: aiohttp.ClientSession) ->
         assert base64.b64decode(on_dlq["message"]["data"]) == b"poison"
 
 
-async def test_ack_request_limits(session: aiohttp.ClientSession) -> None:
+async def test_ack_request_limits(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         for i in range(1001):
             emu.publish(P, "jobs", str(i).encode())
         got = await api.pull("s", 1000)
@@ -445,11 +440,11 @@ async def test_ack_request_limits(session: aiohttp.ClientSession) -> None:
         assert emu.stats["acks"] == 1001
 
 
-async def test_fault_injection(session: aiohttp.ClientSession) -> None:
+async def test_fault_injection(http: aiohttp.ClientSession) -> None:
     async with PubSubEmulator() as emu:
         emu.create_topic(P, "jobs")
         emu.create_subscription(P, "s", "jobs")
-        api = Api(session, emu)
+        api = Api(http, emu)
         emu.publish(P, "jobs", b"x")
 
         emu.fail_pull = 2
@@ -477,7 +472,7 @@ async def test_fault_injection(session: aiohttp.ClientSession) -> None:
         assert emu.stats["failed_pulls"] == 2
 
 
-async def test_helpers_before_start_and_restart(session: aiohttp.ClientSession) -> None:
+async def test_helpers_before_start_and_restart(http: aiohttp.ClientSession) -> None:
     emu = PubSubEmulator()
     emu.create_topic(P, "jobs")
     emu.create_topic(P, "jobs")  # idempotent
@@ -490,10 +485,10 @@ async def test_helpers_before_start_and_restart(session: aiohttp.ClientSession) 
         emu.publish(P, "missing", b"x")
     emu.publish(P, "jobs", b"early")
     async with emu:
-        (d,) = await Api(session, emu).pull("s")
+        (d,) = await Api(http, emu).pull("s")
         assert base64.b64decode(d["message"]["data"]) == b"early"
     # State survives a restart; the outstanding delivery is still tracked.
     async with emu:
         assert emu.outstanding(P, "s") == 1
-        assert await Api(session, emu).ack("s", d["ackId"]) == (200, {})
+        assert await Api(http, emu).ack("s", d["ackId"]) == (200, {})
     assert emu.acked(P, "s") == 1

@@ -29,7 +29,7 @@ from worker.errors import JobError
 from worker.fetch import AddressGuard, ImageFetcher
 from worker.images import ImagePolicy
 
-from .conftest import EXAMPLES
+from .helpers import EXAMPLES, free_port, job_error
 
 PNG = (EXAMPLES / "red-square.png").read_bytes()
 JPEG = (EXAMPLES / "green-banner.jpg").read_bytes()
@@ -161,9 +161,7 @@ async def _serve(state: ImageServer, ca: trustme.CA) -> AsyncIterator[ImageServe
     await runner.setup()
     site = web.TCPSite(runner, state.host, 0, ssl_context=server_ssl)
     await site.start()
-    server = site._server
-    assert server is not None
-    state.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.port = int(runner.addresses[0][1])
     try:
         yield state
     finally:
@@ -208,12 +206,6 @@ def _policy(fetcher: ImageFetcher) -> ImagePolicy:
     )
 
 
-async def _error(coro: Any) -> JobError:
-    with pytest.raises(JobError) as info:
-        await coro
-    return info.value
-
-
 # -- https:// mechanics -------------------------------------------------------------------
 
 
@@ -230,7 +222,7 @@ async def test_sniffed_bytes_win_over_the_declared_content_type(
 ) -> None:
     url = await _policy(fetcher).resolve(images.url("/mislabelled"))
     assert url.startswith("data:image/jpeg;base64,")
-    err = await _error(_policy(fetcher).resolve(images.url("/text")))
+    err = await job_error(_policy(fetcher).resolve(images.url("/text")))
     assert err.type == "unsupported_media_type"
 
 
@@ -238,7 +230,7 @@ async def test_oversized_body_is_cut_off_while_streaming(
     fetcher: ImageFetcher, images: ImageServer
 ) -> None:
     started = time.monotonic()
-    err = await _error(_policy(fetcher).resolve(images.url("/forever")))
+    err = await job_error(_policy(fetcher).resolve(images.url("/forever")))
     assert err.type == "image_too_large"
     assert "262144" in err.message
     assert time.monotonic() - started < 2.0
@@ -253,7 +245,7 @@ async def test_declared_oversize_is_refused_before_the_body(
     fetcher: ImageFetcher, images: ImageServer
 ) -> None:
     started = time.monotonic()
-    err = await _error(_policy(fetcher).resolve(images.url("/declared-huge")))
+    err = await job_error(_policy(fetcher).resolve(images.url("/declared-huge")))
     assert err.type == "image_too_large"
     assert time.monotonic() - started < 1.0
 
@@ -262,7 +254,7 @@ async def test_silent_body_times_out_and_fails_after_retries(
     fetcher: ImageFetcher, images: ImageServer
 ) -> None:
     started = time.monotonic()
-    err = await _error(_policy(fetcher).resolve(images.url("/slow")))
+    err = await job_error(_policy(fetcher).resolve(images.url("/slow")))
     assert err.type == "fetch_failed"
     assert "2 attempts" in err.message
     assert images.hits["/slow"] == 2  # retried once, then given up
@@ -274,7 +266,7 @@ async def test_dripping_body_hits_the_whole_fetch_deadline(
 ) -> None:
     fetcher.fetch_timeout_s = 0.4
     started = time.monotonic()
-    err = await _error(_policy(fetcher).resolve(images.url("/drip")))
+    err = await job_error(_policy(fetcher).resolve(images.url("/drip")))
     assert err.type == "fetch_failed"
     assert "0.4 s" in err.message
     assert time.monotonic() - started < 2.0
@@ -301,7 +293,7 @@ async def test_transient_503_is_retried_to_success(
 async def test_http_errors_fail_the_job(
     fetcher: ImageFetcher, images: ImageServer, code: int, hits: int
 ) -> None:
-    err = await _error(_policy(fetcher).resolve(images.url(f"/status/{code}")))
+    err = await job_error(_policy(fetcher).resolve(images.url(f"/status/{code}")))
     assert err.type == "fetch_failed"
     assert images.hits[f"/status/{code}"] == hits  # only 5xx is retried
 
@@ -309,7 +301,7 @@ async def test_http_errors_fail_the_job(
 async def test_untrusted_certificate_fails(images: ImageServer) -> None:
     f = ImageFetcher(allowed_networks=[f"{IMAGE_HOST}/32"], fetch_attempts=1)  # system CAs
     try:
-        err = await _error(_policy(f).resolve(images.url("/img.png")))
+        err = await job_error(_policy(f).resolve(images.url("/img.png")))
     finally:
         await f.aclose()
     assert err.type == "fetch_failed"
@@ -321,7 +313,7 @@ async def test_redirects_are_followed_up_to_the_limit(
 ) -> None:
     url = await _policy(fetcher).resolve(images.url("/chain/3"))
     assert url.startswith("data:image/png;base64,")
-    err = await _error(_policy(fetcher).resolve(images.url("/chain/4")))
+    err = await job_error(_policy(fetcher).resolve(images.url("/chain/4")))
     assert err.type == "fetch_failed"
     assert "more than 3 redirects" in err.message
     assert images.hits["/chain/0"] == 1  # the 4-hop chain never reached its end
@@ -339,7 +331,7 @@ async def test_guard_is_on_by_default(
     opened = ImageFetcher(ssl_context=client_ssl, allow_private_networks=True)
     try:
         for host in ("127.0.0.1", "localhost"):
-            err = await _error(_policy(default).resolve(loopback_images.url("/img.png", host)))
+            err = await job_error(_policy(default).resolve(loopback_images.url("/img.png", host)))
             assert err.type == "blocked_address", err.message
         assert loopback_images.hits["/img.png"] == 0  # refused before connecting
         url = await _policy(opened).resolve(loopback_images.url("/img.png"))
@@ -368,7 +360,7 @@ async def test_redirect_to_internal_address_is_refused(
     fetcher: ImageFetcher, images: ImageServer, loopback_images: ImageServer, target: str
 ) -> None:
     to = target.format(loop_port=loopback_images.port)
-    err = await _error(_policy(fetcher).resolve(images.url("/redirect") + f"?to={to}"))
+    err = await job_error(_policy(fetcher).resolve(images.url("/redirect") + f"?to={to}"))
     assert err.type == "blocked_address", err.message
     assert images.hits["/redirect"] == 1  # the allowed first hop was fetched
     assert sum(loopback_images.hits.values()) == 0  # the redirect target never was
@@ -382,7 +374,7 @@ async def test_redirect_to_another_scheme_is_refused(
         ("file:///etc/passwd", "unsupported_scheme"),
         ("gs://bucket/object", "unsupported_scheme"),
     ]:
-        err = await _error(_policy(fetcher).resolve(images.url("/redirect") + f"?to={to}"))
+        err = await job_error(_policy(fetcher).resolve(images.url("/redirect") + f"?to={to}"))
         assert err.type == kind, (to, err.message)
 
 
@@ -418,7 +410,7 @@ async def test_resolved_address_is_the_one_connected_to(
             fetch_attempts=1,
         )
         # A fresh connection resolves again and meets the rebound answer: refused.
-        err = await _error(_policy(f).resolve(f"https://images.test:{images.port}/img.png"))
+        err = await job_error(_policy(f).resolve(f"https://images.test:{images.port}/img.png"))
         assert err.type == "blocked_address"
         assert "127.0.0.1" in err.message
     finally:
@@ -438,7 +430,7 @@ async def test_a_name_with_any_internal_address_is_refused(
         allowed_networks=[f"{IMAGE_HOST}/32"], ssl_context=client_ssl, lookup=mixed_lookup
     )
     try:
-        err = await _error(_policy(f).resolve(f"https://images.test:{images.port}/img.png"))
+        err = await job_error(_policy(f).resolve(f"https://images.test:{images.port}/img.png"))
     finally:
         await f.aclose()
     assert err.type == "blocked_address"
@@ -525,9 +517,7 @@ def test_allow_private_networks_keeps_metadata_and_odd_ranges_closed(
 def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     from gcp_storage_emulator.server import create_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="images")
     server.start()  # serves from its own thread
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
@@ -562,14 +552,14 @@ async def test_gs_objects_are_read_through_the_storage_emulator(gcs_emulator: st
     try:
         url = await policy.resolve("gs://images/dir/red square.png")
         assert url == "data:image/png;base64," + base64.b64encode(PNG).decode()
-        missing = await _error(policy.resolve("gs://images/nope.png"))
+        missing = await job_error(policy.resolve("gs://images/nope.png"))
         assert missing.type == "fetch_failed"
         assert "404" in missing.message
-        not_image = await _error(policy.resolve("gs://images/notes.txt"))
+        not_image = await job_error(policy.resolve("gs://images/notes.txt"))
         assert not_image.type == "unsupported_media_type"
-        too_big = await _error(policy.resolve("gs://images/big.png"))
+        too_big = await job_error(policy.resolve("gs://images/big.png"))
         assert too_big.type == "image_too_large"
-        bad_bucket = await _error(policy.resolve("gs://../o.png"))
+        bad_bucket = await job_error(policy.resolve("gs://../o.png"))
         assert bad_bucket.type == "invalid_image_uri"
     finally:
         await f.aclose()
@@ -583,7 +573,7 @@ async def test_gs_passes_through_to_vertex_in_auto_mode(gcs_emulator: str) -> No
         other = ImagePolicy(
             file_root=None, inline_images="auto", backend_reads_uris=False, fetcher=f
         )
-        err = await _error(other.resolve("gs://images/absent.png"))
+        err = await job_error(other.resolve("gs://images/absent.png"))
         assert err.type == "fetch_failed"  # fetched (from the emulator), not passed on
     finally:
         await f.aclose()

@@ -20,7 +20,7 @@ from worker.logs import JsonFormatter
 from worker.settings import Settings
 from worker.simulator import Simulator
 
-from .conftest import EXAMPLES, read_jsonl
+from .helpers import EXAMPLES, jobs_file, read_jsonl
 
 API_KEY = "sk-fixture-" + "k3y" * 8  # recognisable: must never appear in any output
 SIGNATURE = "f00dfacecafe5ec7e7"  # a signed URL's signature carried by hostile jobs
@@ -165,9 +165,7 @@ async def test_thousand_good_jobs_survive_a_hundred_hostile_ones(
     hostile = [_hostile(i, root) for i in range(100)]
     lines = list(good.values()) + [line for line, _ in hostile]
     random.Random(6).shuffle(lines)
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(lines) + "\n")
-    fast_settings.worker.source = f"file:{jobs}"
+    fast_settings.worker.source = jobs_file(tmp_path, lines)
     expected = {_expected_id(line): kind for line, kind in hostile}
     assert len(expected) == 100  # every hostile job is told apart by its id
 

@@ -17,20 +17,15 @@ from hypothesis import strategies as st
 from worker.errors import ERROR_TYPES, JobError
 from worker.fetch import AddressGuard, display_url, storage_endpoint
 from worker.images import ImagePolicy, backend_reads_uris
+from worker.settings import INLINE_MODES, InlineMode
 
-from .conftest import EXAMPLES
+from .helpers import EXAMPLES, job_error
 
 PNG = (EXAMPLES / "red-square.png").read_bytes()
 GIF = (EXAMPLES / "yellow-dot.gif").read_bytes()
 PROPERTY = settings(
     max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-
-
-async def _error(coro: Any) -> JobError:
-    with pytest.raises(JobError) as info:
-        await coro
-    return info.value
 
 
 # -- which backend reads gs:// itself ------------------------------------------------------
@@ -78,7 +73,7 @@ async def test_auto_for_vertex_passes_gs_and_data_but_fetches_https() -> None:
     assert await policy.resolve("gs://b/o.jpg") == "gs://b/o.jpg"
     assert await policy.resolve("data:image/png;base64,AAAA") == "data:image/png;base64,AAAA"
     # https:// is fetched (here: no fetcher was given, so that fails as fetch_failed).
-    err = await _error(policy.resolve("https://example.com/a.png"))
+    err = await job_error(policy.resolve("https://example.com/a.png"))
     assert err.type == "fetch_failed"
 
 
@@ -95,10 +90,10 @@ async def test_inlined_data_urls_are_decoded_and_relabelled_from_the_bytes() -> 
         ),
         ("data:text/plain,hello", "unsupported_media_type"),
     ]:
-        err = await _error(policy.resolve(uri))
+        err = await job_error(policy.resolve(uri))
         assert err.type == kind, uri
     small = ImagePolicy(file_root=None, inline_images="always", max_image_bytes=100)
-    err = await _error(small.resolve("data:image/png;base64," + base64.b64encode(PNG).decode()))
+    err = await job_error(small.resolve("data:image/png;base64," + base64.b64encode(PNG).decode()))
     assert err.type == "image_too_large"
 
 
@@ -116,7 +111,7 @@ async def test_inlined_data_urls_are_decoded_and_relabelled_from_the_bytes() -> 
 )
 async def test_bad_uris_are_refused_with_the_right_type(uri: str, kind: str) -> None:
     policy = ImagePolicy(file_root=None, inline_images="never")
-    err = await _error(policy.resolve(uri))
+    err = await job_error(policy.resolve(uri))
     assert err.type == kind
 
 
@@ -171,13 +166,13 @@ async def test_local_files_only_below_the_root(root: Path, uri: str, kind: str |
             await policy.resolve(uri) == "data:image/png;base64," + base64.b64encode(PNG).decode()
         )
     else:
-        err = await _error(policy.resolve(uri))
+        err = await job_error(policy.resolve(uri))
         assert err.type == kind, err.message
 
 
 async def test_untrusted_sources_get_no_local_files(root: Path) -> None:
     policy = ImagePolicy(file_root=None)
-    err = await _error(policy.resolve(str(root / "sub" / "ok.png")))
+    err = await job_error(policy.resolve(str(root / "sub" / "ok.png")))
     assert err.type == "file_not_allowed"
 
 
@@ -222,8 +217,8 @@ uri_text = st.one_of(
 
 
 @PROPERTY
-@given(uri_text, st.sampled_from(["auto", "always", "never"]), st.booleans())
-def test_uri_checks_raise_only_documented_errors(uri: str, mode: str, vertex: bool) -> None:
+@given(uri_text, st.sampled_from(INLINE_MODES), st.booleans())
+def test_uri_checks_raise_only_documented_errors(uri: str, mode: InlineMode, vertex: bool) -> None:
     policy = ImagePolicy(file_root=None, inline_images=mode, backend_reads_uris=vertex)
     sent = _outcome(lambda: asyncio.run(policy.resolve(uri)))
     if isinstance(sent, JobError):
@@ -295,9 +290,18 @@ async def test_inline_budget_bounds_reads_and_keeps_only_what_the_url_needs(
     # With the budget full, a new read (which reserves the worst case first) waits ...
     filler = policy.budget.capacity - policy.budget.used
     await policy.budget.take(filler)
-    with anyio.move_on_after(0.2) as blocked:
-        await policy.resolve_held(str(image))
-    assert blocked.cancelled_caught
+    finished: list[tuple[str, int]] = []
+
+    async def read() -> None:
+        finished.append(await policy.resolve_held(str(image)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()
+        assert finished == []  # blocked: nothing else can make progress
+        assert policy.budget.used == policy.budget.capacity
+        tg.cancel_scope.cancel()
+    assert finished == []
     assert policy.budget.used == policy.budget.capacity  # the cancelled wait took nothing
     # ... and goes ahead once jobs release what they held.
     policy.budget.give(filler)

@@ -15,9 +15,9 @@ from anyio import wait_all_tasks_blocked
 from worker.clock import ManualClock
 from worker.limits import AdaptiveLimiter, ByteBudget, Limiter, RateCeiling, TokenBucket
 from worker.loadtest import LoadtestOptions, run_loadtest
-from worker.settings import Settings
 from worker.simulator import SimConfig
 
+from .helpers import quick_settings
 from .quota_drive import Bucket, Drive
 
 
@@ -263,9 +263,7 @@ async def test_byte_budget_is_first_come_first_served_and_lets_an_oversized_take
 async def test_auto_concurrency_through_the_real_pipeline_finds_the_quota() -> None:
     """Wiring, not figures (those are bench/'s): the real client, limiter and retries
     against the simulator's quota lose nothing and do cut the limit."""
-    s = Settings()
-    s.model.auth = "none"
-    s.model.timeout_s = 10.0
+    s = quick_settings()
     s.retry.initial_backoff_s = 0.02
     s.retry.max_backoff_s = 0.2
     s.worker.concurrency = "auto"

@@ -4,10 +4,10 @@ the command line works as a user would drive it (in a subprocess)."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import pytest
@@ -16,17 +16,14 @@ from worker.loadtest import LoadtestOptions, percentile, run_loadtest
 from worker.settings import Settings
 from worker.simulator import SimConfig
 
-from .conftest import REPO
+from .fakes.pubsub_emulator import PubSubEmulator
+from .helpers import PROJECT, REPO, gs_jobs, jobs_file, quick_settings, worker_env
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _settings(concurrency: int | str = 20) -> Settings:
-    s = Settings()
-    s.model.auth = "none"
-    s.model.timeout_s = 10.0
-    s.retry.initial_backoff_s = 0.005
-    s.retry.max_backoff_s = 0.02
+def _settings(concurrency: int | Literal["auto"] = 20) -> Settings:
+    s = quick_settings()
     s.worker.concurrency = concurrency
     return s.validate()
 
@@ -63,15 +60,13 @@ async def test_report_counts_match_the_jobs_sent(tmp_path: Path) -> None:
 
 
 async def test_dead_letters_are_counted_by_error_type(tmp_path: Path) -> None:
-    jobs = tmp_path / "jobs.jsonl"
-    lines = [json.dumps({"id": f"ok{i}", "image_uri": f"gs://b/{i}.jpg"}) for i in range(10)]
+    lines = gs_jobs(10, "ok")
     lines += [json.dumps({"id": f"ftp{i}", "image_uri": f"ftp://h/{i}.jpg"}) for i in range(4)]
     lines += ["{not json"] * 3
-    jobs.write_text("\n".join(lines) + "\n")
     opts = LoadtestOptions(
         jobs=100,  # more than the file holds: the file's end ends the run
         sim=SimConfig(latency_ms=1.0),
-        source=f"file:{jobs}",
+        source=jobs_file(tmp_path, lines),
         progress="off",
         handle_signals=False,
     )
@@ -121,20 +116,16 @@ async def test_duration_mode_stops_reading_and_finishes_what_it_admitted() -> No
 
 
 async def test_a_real_source_is_read_up_to_jobs(tmp_path: Path) -> None:
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(
-        "\n".join(json.dumps({"id": f"j{i}", "image_uri": f"gs://b/{i}.jpg"}) for i in range(40))
-        + "\n"
-    )
+    source = jobs_file(tmp_path, gs_jobs(40, "j"))
     opts = LoadtestOptions(
         jobs=25,
         sim=SimConfig(latency_ms=1.0),
-        source=f"file:{jobs}",
+        source=source,
         progress="off",
         handle_signals=False,
     )
     report = await run_loadtest(_settings(), opts)
-    assert report["source"] == f"file:{jobs}"
+    assert report["source"] == source
     assert report["jobs_sent"] == 25
     assert report["ok"] == 25
 
@@ -147,12 +138,6 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 50) == 0.0
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 async def test_cli_loadtest_against_the_simulator(tmp_path: Path) -> None:
     report_path = tmp_path / "r.json"
     args = "--target sim --latency-ms 2 --rate-limit-rps 400 --jobs 120"
@@ -160,7 +145,7 @@ async def test_cli_loadtest_against_the_simulator(tmp_path: Path) -> None:
     proc = await anyio.run_process(
         [sys.executable, "-m", "worker", "loadtest", *args.split(), "--report", str(report_path)],
         cwd=REPO,
-        env=_env(),
+        env=worker_env(),
         check=False,
     )
     err = proc.stderr.decode()
@@ -179,7 +164,7 @@ async def test_cli_loadtest_needs_a_target_and_a_size() -> None:
     proc = await anyio.run_process(
         [sys.executable, "-m", "worker", "loadtest", "--jobs", "5"],
         cwd=REPO,
-        env=_env(),
+        env=worker_env(),
         check=False,
     )
     assert proc.returncode == 2
@@ -187,31 +172,26 @@ async def test_cli_loadtest_needs_a_target_and_a_size() -> None:
     proc = await anyio.run_process(
         [sys.executable, "-m", "worker", "loadtest", "--target", "sim"],
         cwd=REPO,
-        env=_env(),
+        env=worker_env(),
         check=False,
     )
     assert proc.returncode == 2
 
 
 async def test_publish_to_a_topic_then_drain_its_subscription(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    emu: PubSubEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from .fakes.pubsub_emulator import PubSubEmulator
-
-    async with PubSubEmulator() as emu:
-        emu.create_topic("proj", "jobs")
-        emu.create_subscription("proj", "work", "jobs")
-        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emu.host_port)
-        opts = LoadtestOptions(
-            jobs=60,
-            sim=SimConfig(latency_ms=2.0),
-            source="pubsub:projects/proj/subscriptions/work",
-            publish_to="pubsub:projects/proj/topics/jobs",
-            progress="off",
-            handle_signals=False,
-        )
-        report = await run_loadtest(_settings(), opts)
-        published = emu.messages_on_topic("proj", "jobs")
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emu.host_port)
+    opts = LoadtestOptions(
+        jobs=60,
+        sim=SimConfig(latency_ms=2.0),
+        source=f"pubsub:projects/{PROJECT}/subscriptions/work",
+        publish_to=f"pubsub:projects/{PROJECT}/topics/jobs",
+        progress="off",
+        handle_signals=False,
+    )
+    report = await run_loadtest(_settings(), opts)
+    published = emu.messages_on_topic(PROJECT, "jobs")
     assert len(published) == 60
     assert report["jobs_sent"] == 60
     assert report["ok"] == 60

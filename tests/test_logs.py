@@ -18,8 +18,8 @@ import anyio
 
 from worker.simulator import Simulator
 
-from .conftest import EXAMPLES, REPO, read_jsonl
 from .fakes.metadata_server import TOKEN_PREFIX, MetadataServer
+from .helpers import EXAMPLES, REPO, read_jsonl
 
 
 async def test_json_logs_of_a_full_run_parse_and_hold_no_secret(

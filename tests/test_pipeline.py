@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,33 +14,21 @@ from worker.app import run_worker
 from worker.settings import Settings
 from worker.simulator import Simulator
 
-from .conftest import EXAMPLES, read_jsonl
+from .helpers import EXAMPLES, gs_jobs, jobs_file, read_jsonl
 
 
-def _write_jobs(tmp_path: Path, lines: list[str]) -> str:
-    path = tmp_path / "jobs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return f"file:{path}"
-
-
-def _outputs(settings: Settings) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def _outputs(settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     results = Path(settings.worker.sink.removeprefix("jsonl:"))
     dead = results.with_name("results.dead-letter.jsonl")
     return read_jsonl(results), read_jsonl(dead)
-
-
-def _gs_jobs(n: int) -> list[str]:
-    return [
-        json.dumps({"id": f"job-{i}", "image_uri": f"gs://bucket/img-{i}.jpg"}) for i in range(n)
-    ]
 
 
 async def test_happy_path_describes_every_job_from_its_content(
     fast_settings: Settings, sim: Simulator, tmp_path: Path
 ) -> None:
     lines = [json.dumps({"id": p.stem, "image_uri": str(p)}) for p in sorted(EXAMPLES.iterdir())]
-    lines += _gs_jobs(20)
-    fast_settings.worker.source = _write_jobs(tmp_path, lines)
+    lines += gs_jobs(20)
+    fast_settings.worker.source = jobs_file(tmp_path, lines)
 
     stats = await run_worker(fast_settings)
 
@@ -53,7 +42,7 @@ async def test_happy_path_describes_every_job_from_its_content(
     assert "red" in str(red["description"])
     assert red["model"] == "google/gemini-2.0-flash-001"
     assert red["attempts"] == 1
-    assert set(red["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}  # type: ignore[arg-type]
+    assert set(red["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert str(red["finished_at"]).endswith("Z")
     # Local files were inlined as data: URLs with the type sniffed from the bytes.
     sent = [r.body["messages"][0]["content"][1]["image_url"] for r in sim.requests]
@@ -67,7 +56,7 @@ async def test_transient_errors_and_resets_are_retried_to_success(
     sim.config.error_rate = 0.3
     sim.config.reset_rate = 0.15
     sim.config.seed = 7
-    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(60))
+    fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(60))
 
     stats = await run_worker(fast_settings)
 
@@ -78,7 +67,7 @@ async def test_transient_errors_and_resets_are_retried_to_success(
     by_status = sim.stats().by_status
     assert by_status.get(500, 0) + by_status.get(503, 0) > 0
     assert by_status.get(0, 0) > 0  # resets happened and were survived
-    assert max(int(r["attempts"]) for r in results) > 1  # type: ignore[call-overload]
+    assert max(int(r["attempts"]) for r in results) > 1
 
 
 async def test_429_waits_without_using_attempts(
@@ -88,7 +77,7 @@ async def test_429_waits_without_using_attempts(
     sim.config.rate_burst = 1.0
     sim.config.retry_after_s = 0.02
     fast_settings.retry.max_attempts = 1  # a 429 must not count as one
-    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(30))
+    fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(30))
 
     stats = await run_worker(fast_settings)
 
@@ -97,15 +86,15 @@ async def test_429_waits_without_using_attempts(
     assert len(results) == 30
     assert sim.stats().by_status.get(429, 0) > 0
     assert stats.rate_limited > 0
-    assert max(int(r["attempts"]) for r in results) > 1  # type: ignore[call-overload]
+    assert max(int(r["attempts"]) for r in results) > 1
 
 
 async def test_permanent_400_goes_to_dead_letter_with_reason(
     fast_settings: Settings, sim: Simulator, tmp_path: Path
 ) -> None:
     not_image = "data:image/png;base64," + base64.b64encode(b"definitely not a png").decode()
-    lines = [json.dumps({"id": "bad", "image_uri": not_image}), *_gs_jobs(3)]
-    fast_settings.worker.source = _write_jobs(tmp_path, lines)
+    lines = [json.dumps({"id": "bad", "image_uri": not_image}), *gs_jobs(3)]
+    fast_settings.worker.source = jobs_file(tmp_path, lines)
 
     stats = await run_worker(fast_settings)
 
@@ -129,13 +118,13 @@ async def test_retries_exhausted_is_dead_lettered_for_a_file_source(
 ) -> None:
     sim.config.error_rate = 1.0
     fast_settings.retry.max_attempts = 3
-    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(2))
+    fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(2))
 
     stats = await run_worker(fast_settings)
 
     _, dead = _outputs(fast_settings)
     assert stats.dead_lettered == 2
-    assert {d["error"]["type"] for d in dead} == {"retries_exhausted"}  # type: ignore[index]
+    assert {d["error"]["type"] for d in dead} == {"retries_exhausted"}
     assert all(d["attempts"] == 3 for d in dead)
     assert sim.stats().requests == 6
 
@@ -146,7 +135,7 @@ async def test_in_flight_never_exceeds_concurrency(
 ) -> None:
     sim.config.latency_ms = 15.0
     fast_settings.worker.concurrency = concurrency
-    fast_settings.worker.source = _write_jobs(tmp_path, _gs_jobs(60))
+    fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(60))
 
     stats = await run_worker(fast_settings)
 
@@ -169,16 +158,16 @@ async def test_bad_lines_are_dead_lettered_and_the_run_goes_on(
         "[1, 2]",
         "",
         "   ",
-        *_gs_jobs(5),
+        *gs_jobs(5),
     ]
-    fast_settings.worker.source = _write_jobs(tmp_path, lines)
+    fast_settings.worker.source = jobs_file(tmp_path, lines)
 
     stats = await run_worker(fast_settings)
 
     results, dead = _outputs(fast_settings)
     assert len(results) == 5
     assert stats.failed == 0
-    types = {str(d["id"]): d["error"]["type"] for d in dead}  # type: ignore[index]
+    types = {str(d["id"]): d["error"]["type"] for d in dead}
     assert types.pop("no-uri") == "missing_image_uri"
     assert types.pop("ftp") == "unsupported_scheme"
     assert types.pop("http") == "unsupported_scheme"
@@ -193,7 +182,7 @@ async def test_bad_lines_are_dead_lettered_and_the_run_goes_on(
 async def test_rerun_skips_jobs_already_done(
     fast_settings: Settings, sim: Simulator, tmp_path: Path
 ) -> None:
-    fast_settings.worker.source = _write_jobs(tmp_path, ["{broken", *_gs_jobs(10)])
+    fast_settings.worker.source = jobs_file(tmp_path, ["{broken", *gs_jobs(10)])
     await run_worker(fast_settings)
     before = sim.stats().requests
 

@@ -13,18 +13,11 @@ from worker.errors import PubSubError
 from worker.pubsub import PUBSUB_URL, PubSubClient, chunk_ack_ids, encode_data
 
 from .fakes.pubsub_emulator import PubSubEmulator
+from .helpers import PROJECT
 
-P = "proj"
+P = PROJECT
 SUB = f"projects/{P}/subscriptions/work"
 TOPIC = f"projects/{P}/topics/jobs"
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[PubSubEmulator]:
-    async with PubSubEmulator() as e:
-        e.create_topic(P, "jobs")
-        e.create_subscription(P, "work", "jobs")
-        yield e
 
 
 @pytest.fixture
@@ -159,8 +152,14 @@ async def test_bearer_token_is_sent_to_the_real_service_shape() -> None:
         return web.json_response({"name": "projects/p/subscriptions/s"})
 
     class Tokens:
+        """A TokenProvider: what the client needs is ``token`` and the refresh on a 401."""
+
+        expires_at = None
+        google = True
+
         def __init__(self) -> None:
             self.value = "t1"
+            self.refreshes = self.refresh_failures = 0
 
         async def start(self) -> None:
             return None
@@ -195,7 +194,7 @@ def test_pubsub_config_file_loads_and_bad_pubsub_settings_are_refused() -> None:
     from worker.settings import load_settings
     from worker.sources import open_source
 
-    from .conftest import REPO
+    from .helpers import REPO
 
     s = load_settings(REPO / "config" / "pubsub.toml", env={})
     assert s.worker.source.startswith("pubsub:projects/")

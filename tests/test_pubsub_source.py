@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ import pytest
 
 from worker.simulator import Simulator
 
-from .conftest import REPO
 from .fakes.pubsub_emulator import PubSubEmulator
+from .helpers import PROJECT, REPO, publish_jobs, wait_until, worker_env
 
-P = "proj"
+P = PROJECT
 SUB = f"projects/{P}/subscriptions/work"
 RESULTS = f"projects/{P}/topics/results"
 FAILED = f"projects/{P}/topics/failed"
@@ -31,19 +30,12 @@ FAILED = f"projects/{P}/topics/failed"
 
 @pytest.fixture
 async def emu() -> AsyncIterator[PubSubEmulator]:
+    """Unlike conftest's: no subscription yet (each test makes ``work`` as it needs it),
+    and topics for results and dead letters."""
     async with PubSubEmulator() as e:
         for topic in ("jobs", "results", "failed"):
             e.create_topic(P, topic)
         yield e
-
-
-def publish_jobs(emu: PubSubEmulator, n: int, prefix: str = "job") -> list[str]:
-    ids = [f"{prefix}-{i}" for i in range(n)]
-    for job_id in ids:
-        emu.publish(
-            P, "jobs", json.dumps({"id": job_id, "image_uri": f"gs://bkt/{job_id}.jpg"}).encode()
-        )
-    return ids
 
 
 def records(emu: PubSubEmulator, topic: str = "results") -> list[dict[str, Any]]:
@@ -51,9 +43,7 @@ def records(emu: PubSubEmulator, topic: str = "results") -> list[dict[str, Any]]
 
 
 def env_for(emu: PubSubEmulator, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    env["PUBSUB_EMULATOR_HOST"] = emu.host_port
-    env["PYTHONUNBUFFERED"] = "1"
+    env = worker_env(PUBSUB_EMULATOR_HOST=emu.host_port)
     env.update({f"WORKER_{k.upper()}": v for k, v in settings.items()})
     return env
 
@@ -65,15 +55,6 @@ def worker_cmd(sim: Simulator, *extra: str) -> list[str]:
         "--base-url", sim.vertex_base_url(), "--auth", "none", "--log-format", "text", "--log-level", "warning",
         *extra,
     ]  # fmt: skip
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    try:
-        with anyio.fail_after(timeout_s):
-            while not cond():
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def stop(proc: anyio.abc.Process, timeout_s: float = 15.0) -> int:
@@ -98,8 +79,8 @@ async def test_end_to_end_every_job_lands_in_the_sink_and_the_subscription_drain
         async with await anyio.open_process(
             worker_cmd(sim, "--concurrency", "50"), env=env_for(emu), stderr=stderr, cwd=REPO
         ) as proc:
-            await wait_for(lambda: len(distinct_ids(emu)) >= 1000, 40, "1000 results")
-            await wait_for(lambda: emu.acked(P, "work") >= 1000, 10, "1000 acks")
+            await wait_until(lambda: len(distinct_ids(emu)) >= 1000, 40, "1000 results")
+            await wait_until(lambda: emu.acked(P, "work") >= 1000, 10, "1000 acks")
             assert await stop(proc) == 0, err.read_text()
     results = records(emu)
     assert sorted(str(r["id"]) for r in results) == sorted(ids)  # all there, none twice
@@ -137,7 +118,7 @@ async def test_flow_control_bounds_what_is_held(
             seen = max(seen, emu.outstanding(P, "work"))
             return emu.acked(P, "work") >= 60
 
-        await wait_for(done, 30, "60 acks")
+        await wait_until(done, 30, "60 acks")
         assert await stop(proc) == 0
     assert 4 <= seen <= 6
 
@@ -151,7 +132,7 @@ async def test_sigterm_hands_back_what_is_held_and_exits_0(
     async with await anyio.open_process(
         worker_cmd(sim, "--concurrency", "8"), env=env_for(emu)
     ) as proc:
-        await wait_for(lambda: len(distinct_ids(emu)) >= 16, 20, "some results")
+        await wait_until(lambda: len(distinct_ids(emu)) >= 16, 20, "some results")
         started = time.monotonic()
         assert await stop(proc) == 0
         assert time.monotonic() - started < 5
@@ -173,7 +154,7 @@ async def test_sigkill_then_restart_loses_nothing(
     env = env_for(emu, pubsub__lease_extension_s="10")
     cmd = worker_cmd(sim, "--concurrency", "8")
     async with await anyio.open_process(cmd, env=env) as proc:
-        await wait_for(lambda: len(records(emu)) >= 60, 20, "60 results")
+        await wait_until(lambda: len(records(emu)) >= 60, 20, "60 results")
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
     held_at_kill = emu.outstanding(P, "work")
@@ -181,7 +162,7 @@ async def test_sigkill_then_restart_loses_nothing(
 
     async with await anyio.open_process(cmd, env=env) as again:
         # What the dead worker held comes back within one lease extension (10 s).
-        await wait_for(lambda: distinct_ids(emu) == set(ids), 30, "every job")
+        await wait_until(lambda: distinct_ids(emu) == set(ids), 30, "every job")
         assert await stop(again) == 0
 
     results = records(emu)
@@ -202,10 +183,10 @@ async def test_transient_failure_is_nacked_and_the_redelivery_succeeds(
     sim.config.error_rate = 1.0
     env = env_for(emu, retry__max_attempts="1")
     async with await anyio.open_process(worker_cmd(sim), env=env) as proc:
-        await wait_for(lambda: emu.stats["nacks"] >= 3, 20, "nacks")
+        await wait_until(lambda: emu.stats["nacks"] >= 3, 20, "nacks")
         sim.config.error_rate = 0.0
-        await wait_for(lambda: distinct_ids(emu) == set(ids), 20, "results")
-        await wait_for(lambda: emu.acked(P, "work") == 3, 5, "acks")
+        await wait_until(lambda: distinct_ids(emu) == set(ids), 20, "results")
+        await wait_until(lambda: emu.acked(P, "work") == 3, 5, "acks")
         assert await stop(proc) == 0
     assert all(r["source"]["delivery_attempt"] >= 2 for r in records(emu))
     assert records(emu, "failed") == []
@@ -222,7 +203,7 @@ async def test_permanent_failure_goes_to_the_dead_letter_topic_and_is_acked(
     emu.publish(P, "jobs", b"gs://bkt/bare-uri.jpg")  # a bare URI: id is the messageId
     emu.publish(P, "jobs", b"", {"image_uri": "gs://bkt/attr.jpg", "id": "from-attrs"})
     async with await anyio.open_process(worker_cmd(sim), env=env_for(emu)) as proc:
-        await wait_for(lambda: emu.acked(P, "work") == 4, 20, "4 acks")
+        await wait_until(lambda: emu.acked(P, "work") == 4, 20, "4 acks")
         assert await stop(proc) == 0
     failed = {str(r["id"]): r for r in records(emu, "failed")}
     assert len(failed) == 2 and "bad-image" in failed
@@ -257,8 +238,8 @@ async def test_three_workers_share_one_subscription(
                 stderr=stderr,
             )
             procs.append(await stack.enter_async_context(proc))
-        await wait_for(lambda: distinct_ids(emu) == set(ids), 40, "every job")
-        await wait_for(lambda: emu.acked(P, "work") >= 600, 10, "acks")
+        await wait_until(lambda: distinct_ids(emu) == set(ids), 40, "every job")
+        await wait_until(lambda: emu.acked(P, "work") >= 600, 10, "acks")
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
@@ -283,7 +264,7 @@ async def test_lease_extension_keeps_slow_jobs_from_being_redelivered(
     sim.config.latency_ms = 30_000
     env = env_for(emu, pubsub__lease_extension_s="10")
     async with await anyio.open_process(worker_cmd(sim, "--timeout-s", "90"), env=env) as proc:
-        await wait_for(lambda: emu.acked(P, "work") == 4, 70, "4 acks")
+        await wait_until(lambda: emu.acked(P, "work") == 4, 70, "4 acks")
         assert await stop(proc) == 0
     assert distinct_ids(emu) == set(ids)
     assert len(records(emu)) == 4

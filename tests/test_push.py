@@ -32,7 +32,7 @@ from worker.app import serve_push
 from worker.settings import Settings
 from worker.simulator import Simulator
 
-from .conftest import read_jsonl
+from .helpers import read_jsonl
 
 AUDIENCE = "https://worker.example.run.app/push"
 PUSHER = "pusher@proj.iam.gserviceaccount.com"
@@ -84,8 +84,10 @@ def token(
         "exp": now + 600,
         **extra,
     }
-    signer = crypt.RSASigner.from_string(key, key_id=kid)
-    return jwt.encode(signer, claims).decode()
+    # google-auth leaves these two unannotated.
+    signer = crypt.RSASigner.from_string(key, key_id=kid)  # type: ignore[no-untyped-call]
+    signed: bytes = jwt.encode(signer, claims)  # type: ignore[no-untyped-call]
+    return signed.decode()
 
 
 def push_body(job: dict[str, Any] | bytes, message_id: str = "m-1") -> dict[str, Any]:

@@ -8,58 +8,37 @@ SIGKILL-and-restart is covered in test_pubsub_source.py
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import anyio
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.http import HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
 from worker.simulator import Simulator
 
-from .conftest import REPO, read_jsonl
 from .fakes.pubsub_emulator import PubSubEmulator
+from .helpers import (
+    PROJECT,
+    REPO,
+    free_port,
+    http_status,
+    publish_jobs,
+    read_jsonl,
+    wait_until,
+    worker_env,
+)
 
-P = "proj"
+P = PROJECT
 SUB = f"projects/{P}/subscriptions/work"
 
 
-@pytest.fixture
-async def emu() -> AsyncIterator[PubSubEmulator]:
-    async with PubSubEmulator() as e:
-        e.create_topic(P, "jobs")
-        e.create_subscription(P, "work", "jobs")
-        yield e
-
-
-def _publish(emu: PubSubEmulator, n: int) -> list[str]:
-    ids = [f"job-{i}" for i in range(n)]
-    for job_id in ids:
-        job = {"id": job_id, "image_uri": f"gs://sample-bucket/{job_id}.jpg"}
-        emu.publish(P, "jobs", json.dumps(job).encode())
-    return ids
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(emu: PubSubEmulator) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    env["PUBSUB_EMULATOR_HOST"] = emu.host_port
-    env["PYTHONUNBUFFERED"] = "1"
-    env["WORKER_HTTP__HOST"] = "127.0.0.1"
-    return env
+    return worker_env(PUBSUB_EMULATOR_HOST=emu.host_port, WORKER_HTTP__HOST="127.0.0.1")
 
 
 def _cmd(sim: Simulator, sink: Path, port: int, *extra: str) -> list[str]:
@@ -68,23 +47,6 @@ def _cmd(sim: Simulator, sink: Path, port: int, *extra: str) -> list[str]:
         "--sink", f"jsonl:{sink}", "--base-url", sim.vertex_base_url(), "--auth", "none",
         "--http-port", str(port), "--log-format", "json", *extra,
     ]  # fmt: skip
-
-
-async def _status(url: str) -> int | None:
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url) as r:
-            return r.status
-    except aiohttp.ClientError:
-        return None
-
-
-async def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    try:
-        with anyio.fail_after(timeout_s):
-            while not cond():
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def _sigterm_and_watch(
@@ -96,7 +58,7 @@ async def _sigterm_and_watch(
     seen: list[int | None] = []
     with anyio.fail_after(timeout_s):
         while proc.returncode is None:
-            seen.append(await _status(base + READYZ_PATH))
+            seen.append(await http_status(base + READYZ_PATH))
             await anyio.sleep(0.01)
         code = await proc.wait()
     return code, time.monotonic() - sent_at, seen
@@ -109,10 +71,10 @@ def _ids(sink: Path) -> list[str]:
 async def test_sigterm_drains_hands_back_the_rest_and_a_restart_finishes(
     emu: PubSubEmulator, sim: Simulator, tmp_path: Path
 ) -> None:
-    ids = _publish(emu, 400)
+    ids = publish_jobs(emu, 400)
     sim.config.latency_ms = 300.0
     sink = tmp_path / "results.jsonl"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     grace_s = 5.0
     cmd = _cmd(sim, sink, port, "--concurrency", "40", "--shutdown-grace-s", str(grace_s))
@@ -120,9 +82,9 @@ async def test_sigterm_drains_hands_back_the_rest_and_a_restart_finishes(
     with err.open("wb") as stderr:
         proc = await anyio.open_process(cmd, env=_env(emu), cwd=REPO, stderr=stderr)
     async with proc:
-        await _wait_for(lambda: len(_ids(sink)) >= 60, 20, "60 results")
-        assert await _status(base + READYZ_PATH) == 200
-        assert await _status(base + HEALTHZ_PATH) == 200
+        await wait_until(lambda: len(_ids(sink)) >= 60, 20, "60 results")
+        assert await http_status(base + READYZ_PATH) == 200
+        assert await http_status(base + HEALTHZ_PATH) == 200
         assert sim.stats().in_flight > 0, "SIGTERM lands with jobs in flight"
         code, drain_s, readiness = await _sigterm_and_watch(proc, base, grace_s + 5)
 
@@ -144,7 +106,7 @@ async def test_sigterm_drains_hands_back_the_rest_and_a_restart_finishes(
     with err.open("wb") as stderr:
         proc = await anyio.open_process(cmd, env=_env(emu), cwd=REPO, stderr=stderr)
     async with proc:
-        await _wait_for(lambda: emu.acked(P, "work") >= 400, 30, "every job acked")
+        await wait_until(lambda: emu.acked(P, "work") >= 400, 30, "every job acked")
         code, _, _ = await _sigterm_and_watch(proc, base, grace_s + 5)
     assert code == 0, err.read_text()[-3000:]
     counts = Counter(_ids(sink))
@@ -157,17 +119,17 @@ async def test_drain_time_with_200_jobs_in_flight(
     emu: PubSubEmulator, sim: Simulator, tmp_path: Path
 ) -> None:
     """The closing note's figure: SIGTERM with 200 model calls in flight at 200 ms each."""
-    _publish(emu, 1000)
+    publish_jobs(emu, 1000)
     sim.config.latency_ms = 200.0
     sink = tmp_path / "results.jsonl"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = _cmd(sim, sink, port, "--concurrency", "200")
     err = tmp_path / "stderr"
     with err.open("wb") as stderr:
         proc = await anyio.open_process(cmd, env=_env(emu), cwd=REPO, stderr=stderr)
     async with proc:
-        await _wait_for(lambda: sim.stats().in_flight >= 200, 20, "200 requests in flight")
+        await wait_until(lambda: sim.stats().in_flight >= 200, 20, "200 requests in flight")
         in_flight = sim.stats().in_flight
         async with aiohttp.ClientSession() as s, s.get(base + METRICS_PATH) as r:
             metrics = {
@@ -206,19 +168,19 @@ async def test_drain_time_with_200_jobs_in_flight(
 async def test_a_second_signal_nacks_at_once_and_exits(
     emu: PubSubEmulator, sim: Simulator, tmp_path: Path
 ) -> None:
-    _publish(emu, 100)
+    publish_jobs(emu, 100)
     sim.config.latency_ms = 30_000.0  # nothing would finish inside the test
     sink = tmp_path / "results.jsonl"
-    port = _free_port()
+    port = free_port()
     cmd = _cmd(sim, sink, port, "--concurrency", "20", "--shutdown-grace-s", "20")
     err = tmp_path / "stderr"
     with err.open("wb") as stderr:
         proc = await anyio.open_process(cmd, env=_env(emu), cwd=REPO, stderr=stderr)
     async with proc:
-        await _wait_for(lambda: sim.stats().in_flight >= 20, 20, "20 requests in flight")
+        await wait_until(lambda: sim.stats().in_flight >= 20, 20, "20 requests in flight")
         sent_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        await _wait_for(lambda: "shutdown_requested" in err.read_text(), 5, "the first signal")
+        await wait_until(lambda: "shutdown_requested" in err.read_text(), 5, "the first signal")
         proc.send_signal(signal.SIGINT)
         with anyio.fail_after(10):
             code = await proc.wait()
@@ -238,17 +200,17 @@ async def _idle_worker_probes(
     emu: PubSubEmulator, sim: Simulator, tmp_path: Path, path: str, stall_timeout_s: float
 ) -> list[int | None]:
     """An empty subscription: what ``path`` says for a while past the stall timeout."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = _cmd(sim, tmp_path / "r.jsonl", port, "--stall-timeout-s", str(stall_timeout_s))
     seen: list[int | None] = []
     async with await anyio.open_process(cmd, env=_env(emu), cwd=REPO) as proc:
         with anyio.fail_after(15):
-            while await _status(base + READYZ_PATH) is None:
+            while await http_status(base + READYZ_PATH) is None:
                 await anyio.sleep(0.05)
         started = time.monotonic()
         while time.monotonic() - started < stall_timeout_s + 1.0:
-            seen.append(await _status(base + path))
+            seen.append(await http_status(base + path))
             await anyio.sleep(0.1)
         code, _, _ = await _sigterm_and_watch(proc, base, 10)
     assert code == 0

@@ -85,24 +85,12 @@ def body(image: Any = PNG_URL, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimConfig(record_requests=8)) as s:
-        yield s
-
-
-@pytest.fixture
 async def client(sim: Simulator) -> AsyncIterator[openai.AsyncOpenAI]:
     c = openai.AsyncOpenAI(base_url=sim.base_url, api_key="k", max_retries=0, timeout=5.0)
     try:
         yield c
     finally:
         await c.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def create(client: openai.AsyncOpenAI, image: Any = PNG_URL, **extra: Any) -> Any:

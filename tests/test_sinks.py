@@ -15,7 +15,7 @@ from worker.protocols import Record, SinkBase
 from worker.settings import Settings
 from worker.sinks import BatchWriter, JsonlSink, default_dead_letter, open_sink, open_sinks
 
-from .conftest import read_jsonl
+from .helpers import read_jsonl
 
 
 async def test_jsonl_appends_and_reads_back_ids(tmp_path: Path) -> None:

@@ -219,7 +219,7 @@ class MetadataServer:
         if rel is None:
             return self._not_found(path)
         sa_info = self._sa_info()
-        instance = {
+        instance: dict[str, Any] = {
             "id": 4520031799277581759,
             "zone": f"projects/{self.numeric_project_id}/zones/{self.zone}",
             "hostname": f"worker.{self.zone}.c.{self.project_id}.internal",

@@ -4,21 +4,18 @@ Point code at it with ``PUBSUB_EMULATOR_HOST=<host_port>`` and call
 ``http://$PUBSUB_EMULATOR_HOST/v1/...`` exactly like https://pubsub.googleapis.com/v1/.
 Authentication headers are accepted and ignored (like the official emulator).
 
-Supported REST surface::
+Supported REST surface (the calls ``worker.pubsub.client`` makes; anything else is 404)::
 
-    PUT    /v1/projects/{p}/topics/{t}                      create topic (409 if it exists)
-    GET    /v1/projects/{p}/topics/{t}                      get topic
-    DELETE /v1/projects/{p}/topics/{t}                      delete topic
-    GET    /v1/projects/{p}/topics                          list topics
-    GET    /v1/projects/{p}/topics/{t}/subscriptions        list a topic's subscriptions
+    GET    /v1/projects/{p}/topics/{t}                      get topic (does it exist)
     POST   /v1/projects/{p}/topics/{t}:publish              publish
-    PUT    /v1/projects/{p}/subscriptions/{s}               create subscription
     GET    /v1/projects/{p}/subscriptions/{s}               get subscription
-    DELETE /v1/projects/{p}/subscriptions/{s}               delete subscription
-    GET    /v1/projects/{p}/subscriptions                   list subscriptions
     POST   /v1/projects/{p}/subscriptions/{s}:pull
     POST   /v1/projects/{p}/subscriptions/{s}:acknowledge
     POST   /v1/projects/{p}/subscriptions/{s}:modifyAckDeadline
+
+Topics and subscriptions are set up with the Python helpers (``create_topic``,
+``create_subscription``), which tests may call before or after ``start()`` and from any
+thread; other helpers read the state (``pending``, ``outstanding``, ``acked``, ...).
 
 Semantics (matching the real service where it matters to a client):
 
@@ -59,7 +56,6 @@ import datetime
 import heapq
 import itertools
 import json
-import re
 import secrets
 import threading
 import time
@@ -80,14 +76,11 @@ MAX_ACK_DEADLINE_S = 600
 DEFAULT_ACK_DEADLINE_S = 10
 DEFAULT_MAX_DELIVERY_ATTEMPTS = 5
 
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
 _STATUS = {
     400: "INVALID_ARGUMENT",
     404: "NOT_FOUND",
-    409: "ALREADY_EXISTS",
     503: "UNAVAILABLE",
 }
-_DELETED_TOPIC = "_deleted-topic_"
 
 
 class _ApiError(Exception):
@@ -161,7 +154,6 @@ class _Subscription:
     ack_deadline_s: float
     dead_letter_topic: str | None
     max_delivery_attempts: int
-    retry_policy: dict[str, Any] | None = None
     available: deque[_Lease] = field(default_factory=deque)
     outstanding: dict[str, _Lease] = field(default_factory=dict)
     heap: list[tuple[float, int, str]] = field(default_factory=list)
@@ -177,19 +169,13 @@ class _Subscription:
         out: dict[str, Any] = {
             "name": self.name,
             "topic": self.topic,
-            "pushConfig": {},
             "ackDeadlineSeconds": deadline,
-            "messageRetentionDuration": "604800s",
-            "expirationPolicy": {"ttl": "2678400s"},
-            "state": "ACTIVE",
         }
         if self.dead_letter_topic is not None:
             out["deadLetterPolicy"] = {
                 "deadLetterTopic": self.dead_letter_topic,
                 "maxDeliveryAttempts": self.max_delivery_attempts,
             }
-        if self.retry_policy:
-            out["retryPolicy"] = dict(self.retry_policy)
         return out
 
 
@@ -230,16 +216,6 @@ def _now_rfc3339() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _check_id(kind: str, value: str) -> None:
-    if not _ID_RE.match(value) or value.lower().startswith("goog"):
-        raise _ApiError(
-            400,
-            f"Invalid [{kind}] name: ({value}). Names must start with a letter, be 3-255 "
-            "characters of letters, numbers, '-', '_', '.', '~', '+' or '%', and must not "
-            "start with 'goog'.",
-        )
-
-
 def _as_int(value: Any, what: str) -> int:
     """Parse a proto3 JSON int (number or decimal string)."""
     if isinstance(value, bool):
@@ -255,7 +231,7 @@ def _as_int(value: Any, what: str) -> int:
 
 
 def _as_seconds(value: Any, what: str) -> float:
-    """Like ``_as_int`` but lets fixture tests use fractional deadlines."""
+    """Like ``_as_int`` but lets tests of this fake use fractional deadlines."""
     if isinstance(value, float) and not value.is_integer():
         return value
     return float(_as_int(value, what))
@@ -274,12 +250,19 @@ def _decode_b64(value: Any) -> bytes:
         ) from None
 
 
+def _check_name(name: str, collection: str) -> None:
+    """``projects/{p}/{collection}/{id}``, else ValueError (helpers accept short test ids)."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "projects" or parts[2] != collection or "" in parts:
+        raise ValueError(f"Invalid resource name given (name={name}).")
+
+
 class PubSubEmulator:
     """Loopback Pub/Sub REST emulator (see module docstring)."""
 
     def __init__(self, *, pull_wait_s: float = 0.0, min_ack_deadline_s: float = 10.0) -> None:
         self.pull_wait_s = pull_wait_s
-        #: Lowest ackDeadlineSeconds accepted at subscription creation (real service: 10).
+        #: Lowest ack deadline ``create_subscription`` accepts (real service: 10 s).
         self.min_ack_deadline_s = min_ack_deadline_s
         self.fail_pull = 0
         self.fail_ack = 0
@@ -304,10 +287,6 @@ class PubSubEmulator:
     @property
     def host_port(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host_port}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         if self._runner is not None:
@@ -357,10 +336,7 @@ class PubSubEmulator:
         name = self.topic_path(project, topic)
         with self._lock:
             if name not in self._topics:
-                try:
-                    self._check_name(name, "topics", strict=False)
-                except _ApiError as exc:
-                    raise ValueError(exc.message) from None
+                _check_name(name, "topics")
                 self._topics[name] = _Topic(name)
                 self._topic_logs.setdefault(name, [])
         return name
@@ -379,23 +355,39 @@ class PubSubEmulator:
         Raises ValueError if the subscription exists or a limit is violated, KeyError when
         the topic does not exist. Returns the subscription's full name.
         """
+        name = self.subscription_path(project, sub)
         topic_name = self.topic_path(project, topic)
-        dlq = None
-        if dead_letter_topic is not None:
-            dlq = self.create_topic(project, dead_letter_topic)
-        try:
-            return self._create_subscription(
-                self.subscription_path(project, sub),
-                topic_name,
-                ack_deadline_s,
-                dlq,
-                max_delivery_attempts,
-                None,
+        _check_name(name, "subscriptions")
+        if not (self.min_ack_deadline_s <= ack_deadline_s <= MAX_ACK_DEADLINE_S):
+            raise ValueError(
+                f"Invalid ack deadline given: {ack_deadline_s}. The minimum ack deadline is "
+                f"{self.min_ack_deadline_s:g} seconds and the maximum is {MAX_ACK_DEADLINE_S}."
             )
-        except _ApiError as exc:
-            if exc.code == 404:
-                raise KeyError(exc.message) from None
-            raise ValueError(exc.message) from None
+        if dead_letter_topic is not None and not (5 <= max_delivery_attempts <= 100):
+            raise ValueError(
+                "Invalid max_delivery_attempts: must be between 5 and 100, got "
+                f"{max_delivery_attempts}."
+            )
+        with self._lock:
+            if name in self._subs:
+                raise ValueError(f"Resource already exists (name={name}).")
+            topic_obj = self._topics.get(topic_name)
+            if topic_obj is None:
+                raise KeyError(f"topic not found: {topic_name}")
+            dlq = None
+            if dead_letter_topic is not None:
+                dlq = self.create_topic(project, dead_letter_topic)
+            self._subs[name] = _Subscription(
+                name=name,
+                project=name.split("/")[1],
+                sub_id=name.split("/")[3],
+                topic=topic_name,
+                ack_deadline_s=ack_deadline_s,
+                dead_letter_topic=dlq,
+                max_delivery_attempts=max_delivery_attempts,
+            )
+            topic_obj.subscriptions.append(name)
+        return name
 
     def publish(
         self,
@@ -452,10 +444,6 @@ class PubSubEmulator:
             log = self._topic_logs.get(self.topic_path(project, topic), [])
             return [m.to_record() for m in log]
 
-    def subscription_config(self, project: str, sub: str) -> dict[str, Any]:
-        with self._lock:
-            return self._sub(self.subscription_path(project, sub)).config()
-
     def reset_stats(self) -> None:
         with self._lock:
             self.stats = _new_stats()
@@ -466,74 +454,6 @@ class PubSubEmulator:
             return self._subs[name]
         except KeyError:
             raise KeyError(f"subscription not found: {name}") from None
-
-    @staticmethod
-    def _check_name(name: str, collection: str, *, strict: bool = True) -> None:
-        """Validate ``projects/{p}/{collection}/{id}``; ``strict`` also applies the real
-        service's ID rules (REST creation only: the sync helpers accept short test names)."""
-        parts = name.split("/")
-        if (
-            len(parts) != 4
-            or parts[0] != "projects"
-            or parts[2] != collection
-            or not parts[1]
-            or not parts[3]
-        ):
-            raise _ApiError(400, f"Invalid resource name given (name={name}).")
-        if strict:
-            _check_id("topic" if collection == "topics" else "subscription", parts[3])
-
-    def _create_subscription(
-        self,
-        name: str,
-        topic: str,
-        ack_deadline_s: float,
-        dead_letter_topic: str | None,
-        max_delivery_attempts: int,
-        retry_policy: dict[str, Any] | None,
-    ) -> str:
-        self._check_name(name, "subscriptions", strict=False)
-        if ack_deadline_s == 0:
-            ack_deadline_s = DEFAULT_ACK_DEADLINE_S
-        if not (self.min_ack_deadline_s <= ack_deadline_s <= MAX_ACK_DEADLINE_S):
-            raise _ApiError(
-                400,
-                f"Invalid ack deadline given: {ack_deadline_s}. The minimum ack deadline is "
-                f"{self.min_ack_deadline_s:g} seconds and the maximum is {MAX_ACK_DEADLINE_S}.",
-            )
-        if dead_letter_topic is not None:
-            if max_delivery_attempts == 0:
-                max_delivery_attempts = DEFAULT_MAX_DELIVERY_ATTEMPTS
-            if not (5 <= max_delivery_attempts <= 100):
-                raise _ApiError(
-                    400,
-                    "Invalid max_delivery_attempts: must be between 5 and 100, got "
-                    f"{max_delivery_attempts}.",
-                )
-        with self._lock:
-            if name in self._subs:
-                raise _ApiError(
-                    409, f"Resource already exists in the project (resource={name.split('/')[-1]})."
-                )
-            topic_obj = self._topics.get(topic)
-            if topic_obj is None:
-                raise _ApiError(404, f"Resource not found (resource={topic.split('/')[-1]}).")
-            if dead_letter_topic is not None and dead_letter_topic not in self._topics:
-                raise _ApiError(
-                    404, f"Resource not found (resource={dead_letter_topic.split('/')[-1]})."
-                )
-            self._subs[name] = _Subscription(
-                name=name,
-                project=name.split("/")[1],
-                sub_id=name.split("/")[3],
-                topic=topic,
-                ack_deadline_s=ack_deadline_s,
-                dead_letter_topic=dead_letter_topic,
-                max_delivery_attempts=max_delivery_attempts,
-                retry_policy=retry_policy,
-            )
-            topic_obj.subscriptions.append(name)
-        return name
 
     def _publish_locked(
         self, topic: str, data: bytes, attributes: dict[str, str], ordering_key: str
@@ -555,11 +475,7 @@ class PubSubEmulator:
     def _release(self, sub: _Subscription, lease: _Lease) -> None:
         """A delivery ended without an ack (nack or expiry)."""
         lease.ack_id = None
-        if (
-            sub.dead_letter_topic is not None
-            and lease.attempts >= sub.max_delivery_attempts
-            and sub.dead_letter_topic in self._topics
-        ):
+        if sub.dead_letter_topic is not None and lease.attempts >= sub.max_delivery_attempts:
             msg = lease.msg
             attrs = dict(msg.attributes)
             attrs.update(
@@ -657,44 +573,25 @@ class PubSubEmulator:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         method = request.method
         parts = request.path.split("/")
-        # ['', 'v1', 'projects', p, collection, name[:verb], ...]
-        if len(parts) < 5 or parts[:3] != ["", "v1", "projects"] or not parts[3]:
+        # ['', 'v1', 'projects', p, collection, name[:verb]]
+        if len(parts) != 6 or parts[:3] != ["", "v1", "projects"] or not parts[3]:
             raise _ApiError(404, f"Method not found: {method} {request.path}")
         project, collection = parts[3], parts[4]
-        if collection not in ("topics", "subscriptions"):
-            raise _ApiError(404, f"Method not found: {method} {request.path}")
-        if len(parts) == 5:
-            if method != "GET":
-                raise _ApiError(404, f"Method not found: {method} {request.path}")
-            return self._list(project, collection)
         resource, _, verb = parts[5].partition(":")
         name = f"projects/{project}/{collection}/{resource}"
-        if len(parts) == 7 and collection == "topics" and parts[6] == "subscriptions" and not verb:
-            if method != "GET":
-                raise _ApiError(404, f"Method not found: {method} {request.path}")
-            return self._topic_subscriptions(name)
-        if len(parts) != 6:
-            raise _ApiError(404, f"Method not found: {method} {request.path}")
         route = (collection, method, verb)
+        if route == ("topics", "GET", ""):
+            return self._get_topic(name)
         if route == ("topics", "POST", "publish"):
             return await self._publish(request, name)
+        if route == ("subscriptions", "GET", ""):
+            return self._get_subscription(name)
         if route == ("subscriptions", "POST", "pull"):
             return await self._pull(request, name)
         if route == ("subscriptions", "POST", "acknowledge"):
             return await self._acknowledge(request, name)
         if route == ("subscriptions", "POST", "modifyAckDeadline"):
             return await self._modify_ack_deadline(request, name)
-        if verb:
-            raise _ApiError(404, f"Method not found: {method} {request.path}")
-        if method == "PUT":
-            body = await self._read_json(request, MAX_PUBLISH_BYTES)
-            if collection == "topics":
-                return self._put_topic(name)
-            return self._put_subscription(name, body)
-        if method == "GET":
-            return self._get(name, collection)
-        if method == "DELETE":
-            return self._delete(name, collection)
         raise _ApiError(404, f"Method not found: {method} {request.path}")
 
     @staticmethod
@@ -721,89 +618,17 @@ class PubSubEmulator:
             raise _ApiError(400, "Invalid JSON payload received. Expected an object.")
         return body
 
-    async def _read_json(self, request: web.Request, limit: int) -> dict[str, Any]:
-        return self._parse_json(await self._read_raw(request, limit, "request"))
-
     # -- resources
-    def _list(self, project: str, collection: str) -> web.Response:
-        prefix = f"projects/{project}/{collection}/"
-        with self._lock:
-            if collection == "topics":
-                items = [{"name": n} for n in sorted(self._topics) if n.startswith(prefix)]
-            else:
-                items = [s.config() for n, s in sorted(self._subs.items()) if n.startswith(prefix)]
-        return web.json_response({collection: items} if items else {})
-
-    def _topic_subscriptions(self, name: str) -> web.Response:
-        with self._lock:
-            topic = self._topics.get(name)
-            if topic is None:
-                raise _ApiError(404, f"Resource not found (resource={name.split('/')[-1]}).")
-            subs = list(topic.subscriptions)
-        return web.json_response({"subscriptions": subs} if subs else {})
-
-    def _put_topic(self, name: str) -> web.Response:
-        self._check_name(name, "topics")
+    def _get_topic(self, name: str) -> web.Response:
         with self._lock:
             if name in self._topics:
-                raise _ApiError(
-                    409, f"Resource already exists in the project (resource={name.split('/')[-1]})."
-                )
-            self._topics[name] = _Topic(name)
-            self._topic_logs.setdefault(name, [])
-        return web.json_response({"name": name})
-
-    def _put_subscription(self, name: str, body: dict[str, Any]) -> web.Response:
-        topic = body.get("topic")
-        if not isinstance(topic, str) or not topic:
-            raise _ApiError(
-                400, 'A required argument is missing in the request: (argument="topic").'
-            )
-        self._check_name(name, "subscriptions")
-        self._check_name(topic, "topics", strict=False)
-        deadline = _as_seconds(body.get("ackDeadlineSeconds", 0), "ackDeadlineSeconds")
-        dlq: str | None = None
-        attempts = 0
-        policy = body.get("deadLetterPolicy")
-        if policy is not None:
-            if not isinstance(policy, dict):
-                raise _ApiError(400, "Invalid value at 'subscription.dead_letter_policy'.")
-            if policy:
-                dlq_value = policy.get("deadLetterTopic")
-                if not isinstance(dlq_value, str) or not dlq_value:
-                    raise _ApiError(400, "Invalid dead letter policy: deadLetterTopic is required.")
-                self._check_name(dlq_value, "topics", strict=False)
-                dlq = dlq_value
-                attempts = _as_int(policy.get("maxDeliveryAttempts", 0), "maxDeliveryAttempts")
-        retry = body.get("retryPolicy")
-        if retry is not None and not isinstance(retry, dict):
-            raise _ApiError(400, "Invalid value at 'subscription.retry_policy'.")
-        self._create_subscription(name, topic, deadline, dlq, attempts, retry or None)
-        with self._lock:
-            return web.json_response(self._subs[name].config())
-
-    def _get(self, name: str, collection: str) -> web.Response:
-        with self._lock:
-            if collection == "topics":
-                if name in self._topics:
-                    return web.json_response({"name": name})
-            elif name in self._subs:
-                return web.json_response(self._subs[name].config())
+                return web.json_response({"name": name})
         raise _ApiError(404, f"Resource not found (resource={name.split('/')[-1]}).")
 
-    def _delete(self, name: str, collection: str) -> web.Response:
+    def _get_subscription(self, name: str) -> web.Response:
         with self._lock:
-            if collection == "topics" and name in self._topics:
-                topic = self._topics.pop(name)
-                for sub_name in topic.subscriptions:
-                    self._subs[sub_name].topic = _DELETED_TOPIC
-                return web.json_response({})
-            if collection == "subscriptions" and name in self._subs:
-                sub = self._subs.pop(name)
-                owner = self._topics.get(sub.topic)
-                if owner is not None and name in owner.subscriptions:
-                    owner.subscriptions.remove(name)
-                return web.json_response({})
+            if name in self._subs:
+                return web.json_response(self._subs[name].config())
         raise _ApiError(404, f"Resource not found (resource={name.split('/')[-1]}).")
 
     # -- data plane
@@ -830,8 +655,6 @@ class PubSubEmulator:
             )
         parsed = [self._parse_message(m) for m in messages]
         with self._lock:
-            if name not in self._topics:
-                raise _ApiError(404, f"Resource not found (resource={name.split('/')[-1]}).")
             ids = [self._publish_locked(name, d, a, k) for d, a, k in parsed]
             self.stats["publishes"] += len(ids)
         self._notify()
