@@ -305,10 +305,13 @@ async def test_stop_region_refuses_and_resets_then_start_region_reuses_port(
         await wait_for(lambda: sim.region_stats("europe-west4").in_flight == 1, "in flight")
         # an idle keep-alive connection, opened before the region dies
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await wait_for(
-            lambda: len(sim._regions["europe-west4"].runner.server.connections) == 2,
-            "the server to accept the second connection",
-        )
+
+        def connections() -> int:
+            runner = sim._regions["europe-west4"].runner
+            server = runner.server if runner is not None else None
+            return len(server.connections) if server is not None else 0
+
+        await wait_for(lambda: connections() == 2, "the server to accept the second connection")
         await sim.stop_region("europe-west4")
         assert not sim.region_up("europe-west4")
         with pytest.raises(aiohttp.ClientError):
@@ -690,12 +693,13 @@ def test_tier_flags_and_validation() -> None:
     defaults = sim_config_from_args(parser.parse_args([]))
     assert defaults.flex_latency_factor == 3.0
     assert defaults.provisioned_rps is None
-    for kwargs in (
+    bad: tuple[dict[str, Any], ...] = (
         {"provisioned_rps": 0.0},
         {"provisioned_rps": -1.0},
         {"flex_rate_limit_rps": -1.0},
         {"priority_rate_limit_rps": float("inf")},
         {"flex_latency_factor": -1.0},
-    ):
+    )
+    for kwargs in bad:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             SimConfig(**kwargs)
