@@ -76,7 +76,12 @@ async def test_metrics_parse_and_agree_with_the_sink_and_dead_letter_files(
     assert m[("worker_jobs_dead_lettered_total", ())] == len(dead_letters)
     assert m[("worker_jobs_nacked_total", ())] == 0
     assert m[("worker_jobs_in_flight", ())] == 0
-    assert m[("worker_concurrency_limit", ())] == 8
+    limits = {
+        dict(labels)["endpoint"]: v
+        for (name, labels), v in m.items()
+        if name == "worker_concurrency_limit"
+    }
+    assert limits == {f"127.0.0.1:{sim.port}": 8}  # one endpoint, named by its host
     assert m[("worker_sink_records_total", (("sink", "results"),))] == len(results)
     assert m[("worker_sink_records_total", (("sink", "dead_letter"),))] == len(dead_letters)
     # Every model answer the simulator gave is counted under its status code.
@@ -84,6 +89,7 @@ async def test_metrics_parse_and_agree_with_the_sink_and_dead_letter_files(
         dict(labels)["code"]: v
         for (name, labels), v in m.items()
         if name == "worker_model_requests_total"
+        and dict(labels)["endpoint"] == f"127.0.0.1:{sim.port}"
     }
     st = sim.stats()
     assert by_code == {str(code): n for code, n in st.by_status.items()}

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from worker.errors import ERROR_TYPES, JobError
 from worker.jobs import MAX_JOB_BYTES, error_record, fallback_id, parse_job, result_record
+from worker.protocols import Answer
 
 PROPERTY = settings(
     max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
@@ -126,7 +127,7 @@ def test_records_redact_signatures_and_tokens() -> None:
         assert secret not in text
     assert "X-Goog-Algorithm=GOOG4-RSA-SHA256" in text  # the rest of the URL is kept
     job = parse_job(json.dumps({"id": "k", "image_uri": uri}).encode())
-    ok = result_record(job, description="d", model="m", usage=None, attempts=1, started_at=0.0)
+    ok = result_record(job, Answer("d", "m", None, None), attempts=1, started_at=0.0)
     assert "deadbeefcafe" not in json.dumps(ok)
 
 

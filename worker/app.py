@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .auth import GoogleTokens, NoTokens, make_token_provider
+from .cost import Budget, Prices
 from .endpoints import Endpoint, EndpointPool
 from .fetch import ImageFetcher
 from .http import add_routes, serve_http
@@ -44,7 +45,7 @@ from .pipeline import Pipeline, RunStats
 from .protocols import Sink, Source, TokenProvider
 from .pubsub import PubSubClient, PushSource, client_for, make_verifier
 from .retry import RetryPolicy
-from .settings import Settings
+from .settings import ResolvedEndpoint, Settings, resolve_endpoints
 from .sinks import BatchWriter, StdoutSink, dead_letter_spec, open_sinks
 from .sources import FileSource, MemorySource, StdinSource, open_source
 
@@ -74,7 +75,8 @@ class Runtime:
 
     settings: Settings
     tokens: TokenProvider
-    model: ModelClient
+    #: One client per endpoint, in the order of ``resolve_endpoints``.
+    models: tuple[tuple[ResolvedEndpoint, ModelClient], ...]
     simulator: Simulator | None = None
     #: Fetches image bytes for jobs (https://, gs://); owns its HTTP sessions.
     fetcher: ImageFetcher | None = None
@@ -107,16 +109,29 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
             if settings.simulator.embedded
             else make_token_provider(settings.model.auth, settings.model.api_key_env)
         )
+        endpoints = resolve_endpoints(settings)
+        # One token provider for every endpoint: one refresh, never a stampede.
         await tokens.start()
-        model = ModelClient(
-            settings.model, tokens, max_connections=settings.worker.concurrency_ceiling
+        models = tuple(
+            (
+                ep,
+                ModelClient(
+                    settings.model,
+                    tokens,
+                    base_url=ep.base_url,
+                    name=ep.name,
+                    max_connections=ep.max_concurrency or settings.worker.concurrency_ceiling,
+                ),
+            )
+            for ep in endpoints
         )
 
-        async def close_model() -> None:
+        async def close_models() -> None:
             with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
-                await model.aclose()
+                for _, model in models:
+                    await model.aclose()
 
-        stack.push_async_callback(close_model)
+        stack.push_async_callback(close_models)
         # gs:// is read with Google's token only; a third-party API key must never be sent
         # to Cloud Storage (without a Google token, public objects are read anonymously).
         gcs_tokens = tokens if isinstance(tokens, GoogleTokens) else None
@@ -132,7 +147,7 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
         stack.push_async_callback(close_fetcher)
         tune_gc()
         yield Runtime(
-            settings=settings, tokens=tokens, model=model, simulator=simulator, fetcher=fetcher
+            settings=settings, tokens=tokens, models=models, simulator=simulator, fetcher=fetcher
         )
 
 
@@ -166,30 +181,57 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-def make_limiter(settings: Settings) -> Limiter:
-    """``--concurrency N``: a fixed limit; ``auto``: AIMD between min and max concurrency."""
+def make_limiter(settings: Settings, endpoint: ResolvedEndpoint | None = None) -> Limiter:
+    """``--concurrency N``: a fixed limit; ``auto``: AIMD between min and max concurrency.
+    Per endpoint; its own ``max_concurrency`` overrides the worker's ceiling."""
     w = settings.worker
+    own = endpoint.max_concurrency if endpoint is not None else 0
     if w.concurrency == "auto":
-        return AdaptiveLimiter(w.min_concurrency, w.max_concurrency)
-    return Limiter(max(1, int(w.concurrency)))
+        high = own or w.max_concurrency
+        return AdaptiveLimiter(min(w.min_concurrency, high), high)
+    return Limiter(own or max(1, int(w.concurrency)))
 
 
-def make_ceiling(settings: Settings) -> RateCeiling | None:
-    w = settings.worker
-    if not (w.rpm or w.tpm):
+def make_ceiling(endpoint: ResolvedEndpoint) -> RateCeiling | None:
+    if not (endpoint.rpm or endpoint.tpm):
         return None
-    return RateCeiling(rpm=w.rpm, tpm=w.tpm)
+    return RateCeiling(rpm=endpoint.rpm, tpm=endpoint.tpm)
 
 
 def make_endpoints(rt: Runtime, observer: Telemetry | None) -> EndpointPool:
-    """This run's endpoints, each with its own limiter and ceiling."""
-    endpoint = Endpoint(
-        name=rt.model.name,
-        client=rt.model,
-        limiter=make_limiter(rt.settings),
-        ceiling=make_ceiling(rt.settings),
+    """This run's endpoints, each with its own limiter, ceiling, quota and circuit."""
+    settings = rt.settings
+    endpoints = [
+        Endpoint(
+            name=resolved.name,
+            client=client,
+            limiter=make_limiter(settings, resolved),
+            ceiling=make_ceiling(resolved),
+            weight=resolved.weight,
+            tiers=resolved.tiers,
+        )
+        for resolved, client in rt.models
+    ]
+    w = settings.worker
+    return EndpointPool(
+        endpoints,
+        observer=observer,
+        prices=Prices(settings.prices, provisioned=settings.model.provisioned),
+        model=settings.model.model,
+        budget=Budget(w.budget_usd) if w.budget_usd > 0 else None,
     )
-    return EndpointPool([endpoint], observer=observer)
+
+
+def backend_reads_uris_for(rt: Runtime) -> bool:
+    """Whether every endpoint reads gs:// and data: itself (Vertex AI does): one that does
+    not would be sent a URI it cannot read."""
+    s = rt.settings
+    return all(
+        backend_reads_uris(
+            s.images.backend, resolved.base_url, embedded_simulator=s.simulator.embedded
+        )
+        for resolved, _ in rt.models
+    )
 
 
 async def run_pipeline(
@@ -243,21 +285,18 @@ async def run_pipeline(
         if done_ids:
             log.info("resuming", extra={"already_done": len(done_ids)})
     file_root = settings.worker.allow_file_root or ("." if source.trusted else None)
+    models = make_endpoints(rt, telemetry)
     pipeline = Pipeline(
         source=source,
         results=results,
         dead_letter=dead,
-        models=make_endpoints(rt, telemetry),
+        models=models,
         retry=retry_policy(settings),
         images=ImagePolicy(
             file_root=file_root,
             max_image_bytes=settings.images.max_image_bytes,
             inline_images=settings.images.inline_images,
-            backend_reads_uris=backend_reads_uris(
-                settings.images.backend,
-                rt.model.base_url,
-                embedded_simulator=settings.simulator.embedded,
-            ),
+            backend_reads_uris=backend_reads_uris_for(rt),
             allow_http=settings.images.allow_http,
             fetcher=rt.fetcher,
             inline_budget_bytes=settings.images.max_inline_bytes_in_flight,
@@ -266,7 +305,10 @@ async def run_pipeline(
         done_ids=done_ids,
         observer=telemetry,
         max_jobs=max_jobs,
+        default_tier=settings.model.tier,
     )
+    if models.budget is not None:
+        models.budget.on_exhausted = pipeline.budget_reached
     telemetry.attach(pipeline, source)
     try:
         async with anyio.create_task_group() as root:
@@ -284,6 +326,8 @@ async def run_pipeline(
                 on_start(pipeline)
             telemetry.mark_running()
             await pipeline.run()
+            if pipeline.budget_exhausted and source.redelivers:
+                await _idle_until_stopped(source, telemetry)
             root.cancel_scope.cancel()
     finally:
         telemetry.mark_stopped()
@@ -306,6 +350,17 @@ async def run_pipeline(
             },
         )
     return pipeline.stats
+
+
+async def _idle_until_stopped(source: Source, telemetry: Telemetry) -> None:
+    """The budget is spent and the jobs come from a queue: hand back what is held, answer
+    not-ready, and wait for SIGTERM. Exiting would only get the worker restarted with a
+    fresh budget, spending again."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+        await source.aclose()
+    telemetry.mark_budget_exhausted()
+    log.warning("budget_exhausted_idle", extra={"source": source.name})
+    await telemetry.stop_requested.wait()
 
 
 @contextlib.contextmanager
@@ -397,14 +452,23 @@ async def run_worker(settings: Settings, *, telemetry: Telemetry | None = None) 
     summary = stats.summary()
     if current_format() == "text":
         # A person at a terminal gets one readable line; JSON logs carry run_finished.
+        cost = "" if stats.cost_usd is None else f", cost ${stats.cost_usd:.4f}"
         print(
             f"done: {summary['ok']} ok, {summary['dead_lettered']} dead-lettered, "
             f"{summary['skipped']} skipped (already done), {summary['failed']} failed "
-            f"in {summary['seconds']:.2f} s ({summary['jobs_per_s']:.1f} jobs/s); "
+            f"in {summary['seconds']:.2f} s ({summary['jobs_per_s']:.1f} jobs/s{cost}); "
             f"results: {sink.name}, dead letters: {dead_letter.name}",
             file=sys.stderr,
             flush=True,
         )
+        if stats.budget_exhausted:
+            print(
+                f"budget reached: ${stats.cost_usd or 0:.4f} spent of "
+                f"${settings.worker.budget_usd:.4f}; run again with a larger --budget-usd "
+                "to go on (finished jobs are skipped)",
+                file=sys.stderr,
+                flush=True,
+            )
     log.info("run_finished", extra=summary)
     return stats
 

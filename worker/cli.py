@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from .errors import ConfigError
-from .settings import Settings, load_settings
+from .settings import EndpointSettings, Settings, load_settings, resolve_endpoints
 
 __all__ = ["build_parser", "main"]
 
@@ -33,6 +33,11 @@ _MODEL_FLAGS = {
     "max_tokens": "model.max_tokens",
     "timeout_s": "model.timeout_s",
     "image_url_form": "model.image_url_form",
+    "locations": "model.locations",
+    "tier": "model.tier",
+    "provisioned": "model.provisioned",
+    "flex_timeout_s": "model.flex_timeout_s",
+    "budget_usd": "worker.budget_usd",
     "log_format": "log.format",
     "log_level": "log.level",
 }
@@ -113,6 +118,33 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout-s", type=float, help="per-request timeout in seconds (default 120)")
     g.add_argument(
         "--image-url-form", choices=("string", "object"), help="shape of the image_url part"
+    )
+    q = p.add_argument_group("endpoints, tiers and cost")
+    q.add_argument(
+        "--endpoint",
+        action="append",
+        metavar="URL",
+        help="an OpenAI-compatible base URL; repeat for several (replaces --base-url)",
+    )
+    q.add_argument(
+        "--locations",
+        help="comma-separated Vertex AI locations, one endpoint each (with --project)",
+    )
+    q.add_argument(
+        "--tier",
+        choices=("standard", "priority", "flex"),
+        help="Vertex AI consumption tier of jobs that name none (default standard)",
+    )
+    q.add_argument(
+        "--provisioned",
+        choices=("auto", "only", "never"),
+        help="Provisioned Throughput: first (auto), only, or never (default auto)",
+    )
+    q.add_argument("--flex-timeout-s", type=float, help="timeout of flex requests (default 1200)")
+    q.add_argument(
+        "--budget-usd",
+        type=float,
+        help="stop admitting jobs once this much has been spent (list prices; default none)",
     )
     g.add_argument("--log-format", choices=("auto", "json", "text"), help="stderr log format")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
@@ -269,10 +301,14 @@ def _settings_from(ns: argparse.Namespace, flags: dict[str, str]) -> Settings:
         if value is not None:
             overrides[key] = value
     # --project/--location on the command line mean Vertex AI, whatever a file said.
-    if (ns.project or ns.location) and not ns.base_url:
+    if (ns.project or ns.location or ns.locations) and not ns.base_url:
         overrides["model.base_url"] = ""
+    if ns.endpoint:
+        # --endpoint replaces --base-url and any [[model.endpoints]] of a file.
+        overrides["model.endpoints"] = [EndpointSettings(url=u) for u in ns.endpoint]
     settings = load_settings(ns.config, overrides=overrides)
-    settings.model.resolved_base_url() if not settings.simulator.embedded else None
+    if not settings.simulator.embedded:
+        resolve_endpoints(settings)  # a bad endpoint is a start-up error, before any I/O
     return settings
 
 
@@ -339,7 +375,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
     from .app import run_worker
 
     stats = _run(run_worker, settings)
-    return 1 if stats.failed else 0
+    if stats.failed:
+        return 1
+    return 3 if stats.budget_exhausted else 0
 
 
 _SERVE_FLAGS = {

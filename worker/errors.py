@@ -130,6 +130,9 @@ class ModelError(ServiceError):
     """The model's endpoint answered with an error, or did not answer."""
 
     service = "model"
+    #: The quota the error answer's x-ratelimit-* headers reported, if any (limit,
+    #: remaining, reset_s).
+    quota: tuple[float, float, float] | None = None
 
 
 class EmptyAnswer(ModelError):

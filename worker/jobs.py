@@ -1,7 +1,9 @@
 """Jobs and the records written for them.
 
 A job arrives as bytes (a line of a file, a Pub/Sub message's data, a push body) and is
-either a JSON object ``{"image_uri": ..., "id": ..., "prompt": ...}`` or a bare URI.
+either a JSON object ``{"image_uri": ..., "id": ..., "prompt": ...}`` or a bare URI. A
+JSON job may also choose its consumption ``tier``, a named output ``schema`` and its own
+generation settings (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``).
 Parsing never raises anything but :class:`~worker.errors.JobError`.
 """
 
@@ -17,6 +19,8 @@ from typing import Any
 
 from .errors import ErrorType, JobError
 from .logs import redact
+from .protocols import Answer
+from .settings import Tier
 
 __all__ = [
     "MAX_INPUT_ECHO_BYTES",
@@ -35,7 +39,9 @@ MAX_URI_BYTES = 2_048
 # Dead-letter records echo the raw job so a person can see what was sent, but not all of it.
 MAX_INPUT_ECHO_BYTES = 4_096
 
-_KNOWN_FIELDS = ("image_uri", "id", "prompt")
+#: Per-job generation settings, sent as they are in the request body.
+GENERATION_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+_TIERS = ("standard", "priority", "flex")
 _JSON_SCALAR = re.compile(r"null|true|false|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
@@ -47,6 +53,12 @@ class Job:
     image_uri: str
     prompt: str | None
     raw: bytes
+    #: The consumption tier asked for (None: the worker's default).
+    tier: Tier | None = None
+    #: Generation settings for this job only (None: the worker's defaults).
+    generation: dict[str, Any] | None = None
+    #: The name of a configured output schema (None: the worker's default, if any).
+    schema: str | None = None
 
 
 def _stable_id(*parts: str | bytes) -> str:
@@ -136,16 +148,99 @@ def _parse_json_job(text: str, raw: bytes, default_id: str | None) -> Job:
             raise JobError("invalid_job", "prompt must not be blank")
         if prompt is not None and _has_surrogates(prompt):
             raise JobError("invalid_job", "prompt is not valid Unicode (lone surrogate)")
+        tier = _tier(obj.get("tier"))
+        generation = _generation(obj)
+        schema = _schema_name(obj.get("schema"))
     except JobError as exc:
         # Dead-letter records keep the job's own id, so the sender can match them up.
         exc.job_id = job_id or default_id
         raise
+    if job_id or default_id:
+        stable = job_id or default_id
+    elif tier is None and generation is None and schema is None:
+        stable = _stable_id(uri, prompt or "")
+    else:
+        # What changes the answer changes the job: the same image with another schema or
+        # temperature is another job, and resume must not skip it.
+        options = {"tier": tier, "generation": generation, "schema": schema}
+        stable = _stable_id(uri, prompt or "", json.dumps(options, sort_keys=True))
     return Job(
-        id=job_id or default_id or _stable_id(uri, prompt or ""),
+        id=stable or "",
         image_uri=uri,
         prompt=prompt,
         raw=raw,
+        tier=tier,
+        generation=generation,
+        schema=schema,
     )
+
+
+def _tier(value: Any) -> Tier | None:
+    if value is None:
+        return None
+    if value not in _TIERS:
+        raise JobError("invalid_job", f"tier must be one of {', '.join(_TIERS)}")
+    tier: Tier = value
+    return tier
+
+
+def _schema_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 128 or not value.isprintable():
+        raise JobError("invalid_job", "schema must be the name of a configured schema")
+    return value
+
+
+def _number(obj: dict[str, Any], name: str) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise JobError("invalid_job", f"{name} must be a number")
+    return float(value)
+
+
+def _generation(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's own generation settings, checked (types and ranges)."""
+    if not any(name in obj for name in GENERATION_FIELDS):
+        return None
+    out: dict[str, Any] = {}
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise JobError("invalid_job", "max_tokens must be an integer")
+        if not 1 <= max_tokens <= 1_000_000:
+            raise JobError("invalid_job", "max_tokens must be 1..1000000")
+        out["max_tokens"] = max_tokens
+    temperature = _number(obj, "temperature")
+    if temperature is not None:
+        if not 0 <= temperature <= 2:
+            raise JobError("invalid_job", "temperature must be 0..2")
+        out["temperature"] = temperature
+    top_p = _number(obj, "top_p")
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise JobError("invalid_job", "top_p must be > 0 and <= 1")
+        out["top_p"] = top_p
+    seed = obj.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+            raise JobError("invalid_job", "seed must be a 64-bit integer")
+        out["seed"] = seed
+    stop = obj.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if (
+            not isinstance(stops, list)
+            or not 1 <= len(stops) <= 4
+            or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in stops)
+        ):
+            raise JobError("invalid_job", "stop must be a string or a list of 1 to 4 strings")
+        if any(_has_surrogates(x) for x in stops):
+            raise JobError("invalid_job", "stop is not valid Unicode (lone surrogate)")
+        out["stop"] = stop
+    return out
 
 
 _second_cache: tuple[int, str] = (-1, "")
@@ -166,22 +261,24 @@ def rfc3339_now() -> str:
 
 def result_record(
     job: Job,
+    answer: Answer,
     *,
-    description: str,
-    model: str,
-    usage: dict[str, int] | None,
     attempts: int,
     started_at: float,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The record of a described job (README, "Records")."""
     rec: dict[str, Any] = {
         "id": job.id,
         # A signed URL's signature is a credential: records keep the URL, not the secret.
         "image_uri": redact(job.image_uri),
         "status": "ok",
-        "description": description,
-        "model": model,
-        "usage": usage,
+        "description": answer.text,
+        "model": answer.model,
+        "endpoint": answer.endpoint,
+        "tier": answer.tier,
+        "usage": answer.usage,
+        "cost_usd": answer.cost_usd,
         "attempts": attempts,
         "latency_s": round(time.monotonic() - started_at, 4),
         "finished_at": rfc3339_now(),

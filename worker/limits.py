@@ -37,7 +37,9 @@ estimate corrected from the answer's ``usage``.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Literal
 
 import anyio
@@ -75,16 +77,34 @@ class Limiter:
     the load-test display read the same numbers whichever limiter is in use.
     """
 
-    __slots__ = ("_in_use", "_limit", "_waiters", "counts")
+    __slots__ = (
+        "_clock",
+        "_in_use",
+        "_limit",
+        "_waiters",
+        "counts",
+        "demand",
+        "listener",
+        "rate_limited_at",
+    )
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, clock: Clock = SYSTEM_CLOCK) -> None:
         if limit < 1:
             raise ValueError("limit must be >= 1")
+        self._clock = clock
         self._limit = limit
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         #: Model requests by outcome (see :data:`OUTCOMES`).
         self.counts: dict[Outcome, int] = dict.fromkeys(OUTCOMES, 0)
+        #: Called when a slot may have become free (a release, a higher limit): an owner
+        #: that queues requests itself (the endpoint pool) hands the slot on from here.
+        self.listener: Callable[[], None] | None = None
+        #: Requests waiting elsewhere for this limiter (the pool's queue): they count as
+        #: demand when an adaptive limit asks whether it is being used.
+        self.demand: Callable[[], int] | None = None
+        #: Clock time of the latest 429 (quota saturation reads it).
+        self.rate_limited_at = -math.inf
 
     @property
     def limit(self) -> int:
@@ -102,9 +122,27 @@ class Limiter:
     def adaptive(self) -> bool:
         return False
 
+    @property
+    def paused_for_s(self) -> float:
+        """Seconds until new requests may go (a server asked for a pause); 0: now."""
+        return 0.0
+
     def set_limit(self, limit: int) -> None:
         self._limit = max(1, limit)
         self._wake()
+        if self.listener is not None:
+            self.listener()
+
+    @property
+    def has_room(self) -> bool:
+        return self._in_use < self._limit and not self._waiters
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now (nobody queued here first); never waits."""
+        if self.has_room:
+            self._in_use += 1
+            return True
+        return False
 
     async def acquire(self) -> None:
         if self._in_use < self._limit and not self._waiters:
@@ -125,12 +163,19 @@ class Limiter:
     def release(self) -> None:
         self._in_use -= 1
         self._wake()
+        if self.listener is not None:
+            self.listener()
+
+    def _waiting(self) -> int:
+        return len(self._waiters) + (self.demand() if self.demand is not None else 0)
 
     def observe(
         self, outcome: Outcome, latency_s: float, retry_after_s: float | None = None
     ) -> None:
         """One model request finished with ``outcome``."""
         self.counts[outcome] += 1
+        if outcome == "rate_limited":
+            self.rate_limited_at = self._clock.now()
 
     def _wake(self) -> None:
         # A woken waiter owns its slot from the moment its event is set.
@@ -153,7 +198,6 @@ class AdaptiveLimiter(Limiter):
     """
 
     __slots__ = (
-        "_clock",
         "_delivered",
         "_last_decrease",
         "_next_step_at",
@@ -190,8 +234,7 @@ class AdaptiveLimiter(Limiter):
         # Start at 16 (within the bounds): a useful first window for any real quota, and
         # slow start finds the rest within a few round trips.
         start = min(max(initial or DEFAULT_INITIAL, min_limit), max_limit)
-        super().__init__(start)
-        self._clock = clock
+        super().__init__(start, clock=clock)
         self.min_limit = min_limit
         self.max_limit = max_limit
         # A gentle cut: with a token-bucket quota, time spent below the quota is lost for
@@ -243,6 +286,8 @@ class AdaptiveLimiter(Limiter):
     ) -> None:
         self.counts[outcome] += 1
         now = self._clock.now()
+        if outcome == "rate_limited":
+            self.rate_limited_at = now
         if outcome == "ok":
             self._on_success(latency_s, now)
         elif outcome in ("rate_limited", "timeout"):
@@ -273,7 +318,7 @@ class AdaptiveLimiter(Limiter):
             delivered.popleft()
         # Only a limit that is being used has been tested: count the request that just
         # finished (it has released its slot by now) as still in use.
-        if self._in_use + len(self._waiters) + 1 < self._limit:
+        if self._in_use + self._waiting() + 1 < self._limit:
             return
         if self._window >= self.max_limit:
             return
@@ -325,7 +370,7 @@ class AdaptiveLimiter(Limiter):
         # What the quota carried in the last round trip is a measurement only when the
         # limit was in use (a quiet spell carries little and proves nothing); and no
         # single step cuts below a quarter.
-        if self._in_use + len(self._waiters) >= self._limit - 1:
+        if self._in_use + self._waiting() >= self._limit - 1:
             carried = float(len(delivered))
             cut = min(cut, max(carried, self._window * 0.25))
         self._window = max(float(self.min_limit), cut)
@@ -377,14 +422,27 @@ class TokenBucket:
         self._refill(self._clock.now())
         self._tokens = min(self.capacity, self._tokens + n)
 
+    def set_tokens(self, n: float) -> None:
+        """What the bucket holds now (a backend told us)."""
+        self._refill(self._clock.now())
+        self._tokens = min(self.capacity, n)
+
+    def time_for(self, n: float) -> float:
+        """Seconds until ``n`` tokens are there (0: now)."""
+        self._refill(self._clock.now())
+        missing = n - self._tokens
+        # A hair short is there: float refills must not leave a caller waiting forever.
+        return 0.0 if missing <= 1e-9 else missing / self.rate_per_s
+
 
 class RateCeiling:
     """Hard ceilings for users who know their quota: requests and tokens per minute.
 
     A request reserves its tokens before it is sent (an estimate: the running mean of
     real ``total_tokens``, starting from ``initial_tokens_estimate``) and the estimate is
-    corrected from ``usage`` when the answer comes. Reservations are made in order, so
-    waiting callers are served first come, first served.
+    corrected from ``usage`` when the answer comes. :meth:`ready_in_s` and :meth:`take`
+    serve a caller that does its own queueing (the endpoint pool); :meth:`acquire` waits
+    by itself, first come, first served.
     """
 
     __slots__ = ("_clock", "_lock", "est_tokens", "requests", "tokens", "waited_s")
@@ -415,20 +473,33 @@ class RateCeiling:
     def active(self) -> bool:
         return self.requests is not None or self.tokens is not None
 
+    def ready_in_s(self) -> float:
+        """Seconds until one more request fits (0: now)."""
+        wait = 0.0
+        if self.requests is not None:
+            wait = self.requests.time_for(1.0)
+        if self.tokens is not None:
+            wait = max(wait, self.tokens.time_for(self.est_tokens))
+        return wait
+
+    def take(self) -> float:
+        """Reserve one request now (into debt if it does not fit); the tokens reserved."""
+        estimate = self.est_tokens if self.tokens is not None else 0.0
+        if self.requests is not None:
+            self.requests.take(1)
+        if self.tokens is not None:
+            self.tokens.take(estimate)
+        return estimate
+
     async def acquire(self) -> float:
         """Wait until one more request fits; return the tokens reserved for it."""
-        estimate = self.est_tokens if self.tokens is not None else 0.0
         async with self._lock:
-            delay = 0.0
-            if self.requests is not None:
-                delay = self.requests.take(1)
-            if self.tokens is not None:
-                delay = max(delay, self.tokens.take(estimate))
+            # Holding the lock keeps the order: later callers queue behind this one.
+            delay = self.ready_in_s()
             if delay > 0:
                 self.waited_s += delay
-                # Holding the lock keeps the order: later callers queue behind this one.
                 await self._clock.sleep(delay)
-        return estimate
+            return self.take()
 
     def settle(self, reserved: float, used_tokens: int | None) -> None:
         """Correct the reservation from the answer's ``usage.total_tokens`` (None: an
@@ -439,6 +510,78 @@ class RateCeiling:
         self.tokens.give(reserved - used)
         if used_tokens:
             self.est_tokens = 0.9 * self.est_tokens + 0.1 * used
+
+
+class HeaderQuota:
+    """A backend's own account of its request quota, from OpenAI-style headers.
+
+    Many OpenAI-compatible backends send ``x-ratelimit-limit-requests``,
+    ``x-ratelimit-remaining-requests`` and ``x-ratelimit-reset-requests`` (the time until
+    the quota is whole again) on every answer; Vertex AI does not. When they come, the
+    quota is a token bucket we can see: ``remaining`` tokens now, refilling at
+    ``(limit - remaining) / reset`` a second. Pacing requests by it keeps the rate just
+    under the quota, where AIMD alone would bounce off it with a 429 now and then.
+    Inactive (never holds a request back) until a backend sends the headers.
+    """
+
+    __slots__ = ("_clock", "bucket", "updates")
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
+        self.bucket: TokenBucket | None = None
+        self.updates = 0
+
+    def observe(self, limit: float, remaining: float, reset_s: float) -> None:
+        """An answer's headers. ``remaining`` was counted when the backend answered, so
+        it already includes what we had in flight then: believe it over our own count
+        when it is lower."""
+        if limit <= 0 or remaining < 0 or reset_s < 0:
+            return
+        used = max(limit - remaining, 0.0)
+        rate = used / reset_s if reset_s > 0 else 0.0
+        self.updates += 1
+        if rate <= 0:
+            if self.bucket is not None:
+                self.bucket.set_tokens(max(self.bucket.tokens, remaining))
+            return
+        if self.bucket is None:
+            self.bucket = TokenBucket(rate, limit, clock=self._clock)
+            self.bucket.set_tokens(remaining)
+            return
+        # Smooth the refill rate: reset times come rounded (to ms or s).
+        self.bucket.rate_per_s = 0.8 * self.bucket.rate_per_s + 0.2 * rate
+        self.bucket.capacity = limit
+        self.bucket.set_tokens(min(self.bucket.tokens, remaining))
+
+    def ready_in_s(self) -> float:
+        return 0.0 if self.bucket is None else self.bucket.time_for(1.0)
+
+    def take(self) -> None:
+        if self.bucket is not None:
+            self.bucket.take(1.0)
+
+
+def parse_reset_s(text: str) -> float | None:
+    """``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``, or plain seconds, as seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    total = 0.0
+    pos = 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 class ByteBudget:

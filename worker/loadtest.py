@@ -35,7 +35,7 @@ from .limits import AdaptiveLimiter
 from .pipeline import Pipeline, RunStats
 from .protocols import Record, SinkBase, Source
 from .pubsub import PubSubClient, client_for
-from .settings import Settings
+from .settings import EndpointSettings, Settings
 from .simulator import SimConfig, Simulator
 from .sources import MemorySource, open_source
 
@@ -243,6 +243,12 @@ async def run_loadtest(settings: Settings, opts: LoadtestOptions) -> dict[str, A
         # The Vertex-shaped path: the worker treats the simulator as Vertex AI, which reads
         # the synthetic gs:// URIs itself.
         settings.model.base_url = sim.vertex_base_url()
+        if sim.region_names:
+            # --regions: one endpoint per simulated region, each on its own port.
+            settings.model.endpoints = [
+                EndpointSettings(url=sim.region_base_url(name), name=name)
+                for name in sim.region_names
+            ]
         settings.model.auth = "none"
         settings.simulator.embedded = False
     try:
@@ -347,8 +353,23 @@ def _report(
             pauses=limiter.pauses,
             rtt_ms=round(limiter.rtt_s * 1000, 2),
         )
+    spent = sum(models.spent_usd.values())
+    priced = models.prices is not None and models.prices.knows(models.model)
+    endpoints = {
+        ep.name: {
+            "requests": sum(ep.limiter.counts.values()),
+            "ok": ep.limiter.counts["ok"],
+            "rate_limited": ep.limiter.counts["rate_limited"],
+            "final_limit": ep.limiter.limit,
+            "circuit_opened": ep.circuit.opened,
+        }
+        for ep in models.endpoints
+    }
     return {
-        "target": "sim" if sim is not None else settings.model.resolved_base_url(),
+        "target": "sim" if sim is not None else models.endpoints[0].client.base_url,
+        "endpoints": endpoints,
+        "cost_usd": round(spent, 6) if priced else None,
+        "cost_usd_per_1000": round(1000 * spent / stats.ok, 6) if priced and stats.ok else None,
         "simulator": _sim_summary(sim.config) if sim is not None else None,
         "source": opts.source or "memory",
         "jobs_sent": stats.received,
@@ -459,6 +480,23 @@ def format_report(report: dict[str, Any]) -> str:
         f"model requests: {report['model_requests']}, 429 share "
         f"{report['rate_limited_share']:.2%}; limit {report['concurrency']['mode']}, "
         f"final {report['concurrency']['final_limit']}",
+        *(
+            [
+                "endpoints: "
+                + ", ".join(
+                    f"{name} {e['ok']} ok / {e['requests']} requests, {e['rate_limited']} 429s"
+                    for name, e in report["endpoints"].items()
+                )
+            ]
+            if len(report["endpoints"]) > 1
+            else []
+        ),
+        "cost: "
+        + (
+            f"${report['cost_usd']:.4f} (${report['cost_usd_per_1000']:.4f} per 1,000 images)"
+            if report["cost_usd"] is not None and report["cost_usd_per_1000"] is not None
+            else "unknown (no price for the model)"
+        ),
         f"worker CPU: {report['worker_cpu_s']:.2f} s"
         + (f" = {cpu:.3f} ms/job" if cpu is not None else "")
         + (" (includes the in-process simulator)" if report["cpu_includes_simulator"] else "")

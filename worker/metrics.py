@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +41,7 @@ from .errors import ServiceError
 from .protocols import SourceCounters
 
 if TYPE_CHECKING:
+    from .endpoints import EndpointPool
     from .pipeline import Pipeline
     from .protocols import Delivery, Source, TokenProvider
 
@@ -47,13 +49,18 @@ __all__ = ["LatencyHistogram", "Telemetry", "status_label"]
 
 log = logging.getLogger("worker.metrics")
 
-Phase = Literal["starting", "running", "draining", "stopped"]
+Phase = Literal["starting", "running", "budget_exhausted", "draining", "stopped"]
 
 # Seconds. Model calls run from ~100 ms to the 120 s timeout; sink writes are an fsync
 # or a publish round trip.
 MODEL_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600, 1800)
 SINK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# Quota saturation: over this window, an endpoint counts as held by its quota if it
+# answered 429 within QUOTA_429_WINDOW_S (AIMD probes the quota every few round trips).
+SATURATION_WINDOW_S = 60.0
+QUOTA_429_WINDOW_S = 10.0
 
 # How often the loop watchdog ticks, and for how many multiples of max_loop_lag_s a lag
 # it saw keeps /healthz at 503 (a probe answered right after a freeze must still see it).
@@ -134,6 +141,8 @@ class Telemetry:
         self.phase: Phase = "starting"
         self.started_at = time.monotonic()
         self.drain_started_at: float | None = None
+        #: Set by the first SIGTERM/SIGINT (begin_drain).
+        self.stop_requested = anyio.Event()
         self.pipeline: Pipeline | None = None
         self.source: Source | None = None
         self.tokens: TokenProvider | None = None
@@ -149,7 +158,11 @@ class Telemetry:
         self.job_latency = LatencyHistogram(JOB_BUCKETS_S)
         self.sink_latency: dict[str, LatencyHistogram] = {}
         self.sink_records: dict[str, int] = {}
-        self.model_requests: dict[str, int] = {}
+        #: Model answers by (endpoint, code).
+        self.model_requests: dict[tuple[str, str], int] = {}
+        # One sample per watchdog tick over the last minute: were requests held back by
+        # the quota (every endpoint that could take them recently 429ed, paused or out)?
+        self._quota_bound: deque[bool] = deque(maxlen=int(SATURATION_WINDOW_S / WATCHDOG_TICK_S))
         self.queue_lag_s: float | None = None
         self.registry.register(_Collector(self))
         if process_metrics:
@@ -184,9 +197,15 @@ class Telemetry:
             self._last_progress = time.monotonic()
 
     def begin_drain(self) -> None:
-        if self.phase in ("starting", "running"):
+        self.stop_requested.set()
+        if self.phase in ("starting", "running", "budget_exhausted"):
             self.phase = "draining"
             self.drain_started_at = time.monotonic()
+
+    def mark_budget_exhausted(self) -> None:
+        """The budget is spent: not ready (send no more work), but alive."""
+        if self.phase == "running":
+            self.phase = "budget_exhausted"
 
     def mark_stopped(self) -> None:
         self.phase = "stopped"
@@ -205,9 +224,9 @@ class Telemetry:
         if published is not None:
             self.queue_lag_s = max(0.0, time.time() - published)
 
-    def model_answered(self, error: ServiceError | None, latency_s: float) -> None:
-        label = status_label(error)
-        self.model_requests[label] = self.model_requests.get(label, 0) + 1
+    def model_answered(self, endpoint: str, error: ServiceError | None, latency_s: float) -> None:
+        key = (endpoint, status_label(error))
+        self.model_requests[key] = self.model_requests.get(key, 0) + 1
         self.model_latency.observe(latency_s)
 
     def finished(self, latency_s: float) -> None:
@@ -228,6 +247,16 @@ class Telemetry:
                 self._lag_seen_at = now
                 self._lag_seen_s = self.loop_lag_s
                 log.warning("event_loop_stalled", extra={"latency_s": round(self.loop_lag_s, 3)})
+            if self.pipeline is not None:
+                self._quota_bound.append(self.pipeline.models.quota_bound(QUOTA_429_WINDOW_S))
+
+    @property
+    def quota_saturation(self) -> float:
+        """Share of the last minute in which admitted jobs waited for a model slot while
+        every endpoint that could serve them was held back by its quota: near 1, the
+        quota (not this replica) limits throughput, and another replica would not help."""
+        samples = self._quota_bound
+        return sum(samples) / len(samples) if samples else 0.0
 
     def last_progress(self) -> float:
         answered = self.source.answered_at if self.source is not None else None
@@ -331,32 +360,24 @@ class _Collector(Collector):
                 s.failed,
             )
             yield _counter("worker_model_retries", "Model requests retried (any cause).", s.retries)
-            yield _counter(
-                "worker_model_rate_limited",
-                "Model answers 429 / RESOURCE_EXHAUSTED.",
-                s.rate_limited,
-            )
             yield _gauge(
                 "worker_jobs_in_flight", "Jobs admitted and not yet finished.", p.in_flight
             )
-            models = p.models
+            yield from _endpoint_metrics(p.models)
             yield _gauge(
-                "worker_concurrency_limit",
-                "Model requests allowed in flight now (moves under --concurrency auto).",
-                models.limit,
+                "worker_quota_saturation",
+                "Share of the last minute in which jobs waited for a model slot while every "
+                "endpoint that could serve them was held back by its quota (429s, pauses).",
+                t.quota_saturation,
             )
-            yield _gauge(
-                "worker_model_requests_in_flight",
-                "Model requests in flight now.",
-                models.in_use,
-            )
+            yield from _cost_metrics(p.models, budget_exhausted=p.budget_exhausted)
         requests = CounterMetricFamily(
             "worker_model_requests",
             "Model requests by answer: HTTP status, timeout or connection_error.",
-            labels=["code"],
+            labels=["endpoint", "code"],
         )
-        for code, n in sorted(t.model_requests.items()):
-            requests.add_metric([code], n)
+        for (endpoint, code), n in sorted(t.model_requests.items()):
+            requests.add_metric([endpoint, code], n)
         yield requests
         yield _histogram(
             "worker_model_latency_seconds",
@@ -430,10 +451,83 @@ def _source_counters(counters: SourceCounters | None) -> Iterator[Metric]:
         yield _counter(f"worker_source_{f.name}", doc, getattr(counters, f.name))
 
 
+def _labelled(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    doc: str,
+    values: Iterable[tuple[str, float]],
+) -> Metric:
+    family = kind(name, doc, labels=["endpoint"])
+    for endpoint, value in values:
+        family.add_metric([endpoint], value)
+    return family
+
+
+def _endpoint_metrics(models: EndpointPool) -> Iterator[Metric]:
+    eps = models.endpoints
+    yield _labelled(
+        GaugeMetricFamily,
+        "worker_concurrency_limit",
+        "Model requests allowed in flight now (moves under --concurrency auto).",
+        [(ep.name, ep.limiter.limit) for ep in eps],
+    )
+    yield _labelled(
+        GaugeMetricFamily,
+        "worker_model_requests_in_flight",
+        "Model requests in flight now.",
+        [(ep.name, ep.limiter.in_use) for ep in eps],
+    )
+    yield _labelled(
+        CounterMetricFamily,
+        "worker_model_rate_limited",
+        "Model answers 429 / RESOURCE_EXHAUSTED.",
+        [(ep.name, ep.limiter.counts["rate_limited"]) for ep in eps],
+    )
+    yield _labelled(
+        CounterMetricFamily,
+        "worker_endpoint_circuit_opened",
+        "Times the endpoint was taken out of rotation (circuit opened).",
+        [(ep.name, ep.circuit.opened) for ep in eps],
+    )
+    state = GaugeMetricFamily(
+        "worker_endpoint_circuit_state",
+        "1 for the endpoint's circuit state: closed (in rotation), open, half_open (probing).",
+        labels=["endpoint", "state"],
+    )
+    for ep in eps:
+        for name in ("closed", "open", "half_open"):
+            state.add_metric([ep.name, name], 1.0 if ep.circuit.state == name else 0.0)
+    yield state
+    yield _gauge(
+        "worker_model_requests_waiting",
+        "Model requests waiting for a slot on any endpoint.",
+        models.waiting,
+    )
+
+
+def _cost_metrics(models: EndpointPool, *, budget_exhausted: bool) -> Iterator[Metric]:
+    cost = CounterMetricFamily(
+        "worker_cost_usd",
+        "What the answers cost at list price, USD (answers whose price is known).",
+        labels=["model", "tier"],
+    )
+    for (model, tier), usd in sorted(models.spent_usd.items()):
+        cost.add_metric([model, tier], usd)
+    yield cost
+    budget = models.budget
+    if budget is not None:
+        yield _gauge("worker_budget_usd", "The --budget-usd of this run.", budget.limit_usd)
+        yield _gauge(
+            "worker_budget_exhausted",
+            "1 once the budget is spent (nothing more is admitted).",
+            1.0 if budget_exhausted else 0.0,
+        )
+
+
 def _phase(phase: Phase) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         "worker_phase", "1 for the phase the worker is in.", labels=["phase"]
     )
-    for name in ("starting", "running", "draining", "stopped"):
+    for name in ("starting", "running", "budget_exhausted", "draining", "stopped"):
         family.add_metric([name], 1.0 if name == phase else 0.0)
     return family

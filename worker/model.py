@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -18,11 +20,12 @@ import httpx2
 import openai
 
 from .errors import EmptyAnswer, ModelError
-from .protocols import Answer, TokenProvider
+from .limits import parse_reset_s
+from .protocols import Answer, Quota, TokenProvider
 from .retry import kind_for_status, retry_after_s
-from .settings import ModelSettings
+from .settings import TIERS, ModelSettings, ProvisionedMode, Tier
 
-__all__ = ["ModelClient", "build_messages", "endpoint_name"]
+__all__ = ["ModelCall", "ModelClient", "build_messages", "endpoint_name", "tier_headers"]
 
 
 def endpoint_name(base_url: str) -> str:
@@ -52,22 +55,56 @@ def build_messages(prompt: str, image_url: str, *, form: str = "string") -> list
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """One request as the pipeline asks for it."""
+
+    image_url: str
+    prompt: str | None = None
+    tier: Tier = "standard"
+    #: Body fields beyond model and messages: generation settings, response_format.
+    extra: Mapping[str, Any] | None = None
+
+
+def tier_headers(tier: Tier, provisioned: ProvisionedMode, flex_timeout_s: float) -> dict[str, str]:
+    """The headers Vertex AI reads to choose a consumption option (README, "Quota, regions
+    and cost", cites the pages). Other OpenAI-compatible backends ignore them."""
+    headers: dict[str, str] = {}
+    if provisioned == "only":
+        headers["X-Vertex-AI-LLM-Request-Type"] = "dedicated"  # PT only, 429 when spent
+        return headers
+    if provisioned == "never":
+        headers["X-Vertex-AI-LLM-Request-Type"] = "shared"  # skip PT, PayGo only
+    if tier in ("flex", "priority"):
+        headers["X-Vertex-AI-LLM-Shared-Request-Type"] = tier
+    if tier == "flex":
+        headers["X-Server-Timeout"] = str(int(flex_timeout_s))
+    return headers
+
+
 class ModelClient:
     """One OpenAI-compatible endpoint: builds the request, sends it, reads the answer.
 
     Owns its ``AsyncOpenAI`` client and connection pool (close with :meth:`aclose`).
     One call is one request: it never retries, waits for quota or holds a slot; the
-    pipeline does that around it. Its errors are :class:`~worker.errors.ModelError`.
+    endpoint pool and the pipeline do that around it. Its errors are
+    :class:`~worker.errors.ModelError`; it never puts a token in one.
     """
 
     def __init__(
-        self, settings: ModelSettings, tokens: TokenProvider, *, max_connections: int = 256
+        self,
+        settings: ModelSettings,
+        tokens: TokenProvider,
+        *,
+        base_url: str | None = None,
+        name: str | None = None,
+        max_connections: int = 256,
     ) -> None:
         self.settings = settings
         self.tokens = tokens
-        self.base_url = settings.resolved_base_url()
+        self.base_url = (base_url or settings.resolved_base_url()).rstrip("/")
         #: Shown in records, logs and metric labels (never a key or a token).
-        self.name = endpoint_name(self.base_url)
+        self.name = name or endpoint_name(self.base_url)
         # Size the pool to the concurrency ceiling: a request should never queue for a
         # connection inside the HTTP client while our own limiter thinks it is in flight.
         limits = httpx2.Limits(
@@ -90,56 +127,69 @@ class ModelClient:
                 # ``omit`` removes a default header (typed as str by the SDK).
                 default_headers=cast("dict[str, str]", dict.fromkeys(stainless, openai.omit))
             )
-        # Built once: every request shares these (the SDK copies what it merges).
+        # Built once per tier: every request shares them (the SDK copies what it merges).
         # Typed loosely on purpose: the SDK's RequestOptions type lives in a private module.
-        self._options: dict[str, Any] = {}
-        if settings.auth == "none":
-            # No credentials at all: tell the SDK the header is left out on purpose.
-            self._options["headers"] = {"Authorization": openai.omit}
+        self._options = {tier: self._tier_options(tier) for tier in TIERS}
         self._max_tokens = settings.max_tokens or None
+
+    def _tier_options(self, tier: Tier) -> dict[str, Any]:
+        s = self.settings
+        headers: dict[str, Any] = dict(tier_headers(tier, s.provisioned, s.flex_timeout_s))
+        if s.auth == "none":
+            # No credentials at all: tell the SDK the header is left out on purpose.
+            headers["Authorization"] = openai.omit
+        options: dict[str, Any] = {"headers": headers} if headers else {}
+        if tier == "flex":
+            options["timeout"] = s.flex_timeout_s
+        return options
 
     @property
     def request_options(self) -> Any:
-        """The per-request options every call passes to ``client.post`` (bench/ reuses them)."""
-        return self._options
+        """The options a standard request passes to ``client.post`` (bench/ reuses them)."""
+        return self._options["standard"]
 
     async def aclose(self) -> None:
         await self.client.close()
 
-    async def describe(self, image_url: str, prompt: str | None = None) -> Answer:
+    async def describe(self, call: ModelCall) -> Answer:
         """One request. A 401 forces one token refresh (shared by every request that saw
         the same token rejected) and raises ``unauthorized``: the retry loop goes again
         at once."""
-        messages = build_messages(
-            prompt or self.settings.prompt, image_url, form=self.settings.image_url_form
-        )
+        s = self.settings
+        messages = build_messages(call.prompt or s.prompt, call.image_url, form=s.image_url_form)
+        body: dict[str, Any] = {"model": s.model, "messages": messages}
+        if self._max_tokens is not None:
+            body["max_tokens"] = self._max_tokens
+        if call.extra:
+            body.update(call.extra)
         # The token this request will carry (the SDK asks the same cached provider).
         sent = await self.tokens.token()
         try:
-            return await self._create(messages)
+            return await self._create(body, call.tier)
         except openai.APIError as exc:
             error = _model_error(exc)
         if error.kind == "unauthorized":
             await self.tokens.refresh_after_rejection(sent)
         raise error
 
-    async def _create(self, messages: list[dict[str, Any]]) -> Answer:
+    async def _create(self, body: dict[str, Any], tier: Tier) -> Answer:
         # The hot path. ``chat.completions.create`` spends ~1 ms of CPU per call walking
         # our params against its TypedDicts (``async_maybe_transform``) and ~0.2 ms
         # building pydantic models of the answer: profiled, that was most of the worker's
         # CPU per job. ``client.post`` is the same AsyncOpenAI request path (base URL,
         # auth, headers, timeout, APIStatusError mapping) without either step; the body is
         # already plain JSON and we read the four fields we need ourselves.
-        body: dict[str, Any] = {"model": self.settings.model, "messages": messages}
-        if self._max_tokens is not None:
-            body["max_tokens"] = self._max_tokens
         response = await self.client.post(
             "/chat/completions",
             cast_to=httpx2.Response,
             body=body,
-            options=cast(Any, self._options),
+            options=cast(Any, self._options[tier]),
         )
-        return self._answer(response.content)
+        answer = self._answer(response.content)
+        answer.endpoint = self.name
+        answer.tier = tier
+        answer.quota = quota_headers(response.headers)
+        return answer
 
     def _answer(self, content: bytes) -> Answer:
         try:
@@ -188,20 +238,41 @@ def _model_error(exc: openai.APIError) -> ModelError:
         if isinstance(cause, TimeoutError) or (
             cause is None and isinstance(exc, openai.APITimeoutError)
         ):
-            return ModelError(0, "timeout", "no answer within the request timeout", kind="transient")
+            return ModelError(
+                0, "timeout", "no answer within the request timeout", kind="transient"
+            )
         detail = type(cause).__name__ if cause is not None else "connection failed"
         return ModelError(0, "connection_error", detail, kind="transient")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         code, message = _error_body(exc)
-        return ModelError(
+        error = ModelError(
             status,
             code,
             message,
             kind=kind_for_status(status),
             retry_after_s=retry_after_s(exc.response.headers),
         )
+        error.quota = quota_headers(exc.response.headers)
+        return error
     return ModelError(0, "error", type(exc).__name__, kind="transient")
+
+
+def quota_headers(headers: Mapping[str, str]) -> Quota | None:
+    """(limit, remaining, reset_s) from OpenAI-style ``x-ratelimit-*-requests`` headers;
+    None when the backend sends none (Vertex AI does not)."""
+    remaining = headers.get("x-ratelimit-remaining-requests")
+    if remaining is None:
+        return None
+    try:
+        limit = float(headers.get("x-ratelimit-limit-requests") or "")
+        left = float(remaining)
+    except ValueError:
+        return None
+    reset = parse_reset_s(headers.get("x-ratelimit-reset-requests") or "")
+    if reset is None:
+        return None
+    return (limit, left, reset)
 
 
 def _wire_cause(exc: BaseException) -> BaseException | None:

@@ -21,8 +21,10 @@ from .errors import DrainRequested, ErrorType, JobError, RecordRejected, Service
 from .images import ImagePolicy
 from .jobs import Job, error_record, fallback_id, parse_job, result_record
 from .limits import Limiter
+from .model import ModelCall
 from .protocols import Answer, Delivery, PipelineObserver, Record, Source
 from .retry import Kind, RetryPolicy, RetryState, retry_call
+from .settings import Tier
 from .sinks.batch import BatchWriter
 
 __all__ = ["Pipeline", "RunStats"]
@@ -55,6 +57,10 @@ class RunStats:
     rate_limited: int = 0
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
+    #: What the answers cost at list price (None: no price for the model).
+    cost_usd: float | None = None
+    #: The run stopped because --budget-usd was spent.
+    budget_exhausted: bool = False
 
     @property
     def seconds(self) -> float:
@@ -72,6 +78,8 @@ class RunStats:
             "failed": self.failed,
             "seconds": round(secs, 3),
             "jobs_per_s": round(done / secs, 2) if secs > 0 else 0.0,
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
+            "budget_exhausted": self.budget_exhausted,
         }
 
 
@@ -105,11 +113,13 @@ class Pipeline:
         done_ids: set[str] | None = None,
         observer: PipelineObserver | None = None,
         max_jobs: int | None = None,
+        default_tier: Tier = "standard",
     ) -> None:
         self.source = source
         self.results = results
         self.dead_letter = dead_letter
         self.models = models
+        self.default_tier: Tier = default_tier
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
@@ -123,7 +133,11 @@ class Pipeline:
         self._stop_reading = anyio.CancelScope()
         # Jobs waiting for quota or a model slot: on drain they are handed back at once.
         self._draining = False
+        #: True once ``budget_reached`` stopped the run.
+        self.budget_exhausted = False
         self._waiting_for_slot: set[anyio.CancelScope] = set()
+        # Jobs between a failed attempt and the next one (by their RetryState's id).
+        self._backing_off: set[int] = set()
         self._jobs_scope: anyio.CancelScope | None = None
 
     # -- control -------------------------------------------------------------------
@@ -138,8 +152,21 @@ class Pipeline:
         calls that the shutdown grace may cut short, spending quota for nothing."""
         self.stop_reading()
         self._draining = True
+        self.models.close()
         for scope in self._waiting_for_slot:
             scope.cancel()
+
+    def budget_reached(self) -> None:
+        """The budget is spent: admit nothing more and hand back what has not been sent
+        (it may run again when the budget allows); what is talking to the model finishes."""
+        if self.budget_exhausted:
+            return
+        self.budget_exhausted = True
+        log.warning(
+            "budget_exhausted",
+            extra={"in_flight": self.models.in_use, "waiting": self.models.waiting},
+        )
+        self.drain()
 
     def abandon_in_flight(self) -> None:
         """Cancel jobs still talking to the model; each is nacked (shielded)."""
@@ -159,11 +186,17 @@ class Pipeline:
         leased here instead of going to replicas with room. Twice the limit (plus a little
         for jobs busy reading images or writing records) keeps every slot fed.
         """
-        limit = self.models.limit
-        if limit == self._followed_limit or not self.models.adaptive:
+        if not self.models.adaptive:
             return
-        self._followed_limit = limit
-        jobs = max(1, min(self._max_jobs_in_flight, 2 * limit + 8))
+        # Jobs sleeping in retry backoff hold an admission slot but cannot use a model
+        # slot: counted here, they do not starve the limit of the work that shows it in
+        # use. (Without it, 10% of 5xx answers on a flaky backend kept a third of the
+        # slots idle, and an adaptive limit grows only while it is used.)
+        target = 2 * self.models.limit + 8 + len(self._backing_off)
+        if target == self._followed_limit:
+            return
+        self._followed_limit = target
+        jobs = max(1, min(self._max_jobs_in_flight, target))
         self.admission.set_limit(jobs)
         self.source.set_capacity(jobs)
 
@@ -202,6 +235,10 @@ class Pipeline:
                     await deliveries.aclose()
         finally:
             self.stats.finished_at = time.monotonic()
+            models = self.models
+            if models.prices is not None and models.prices.knows(models.model):
+                self.stats.cost_usd = sum(models.spent_usd.values())
+            self.stats.budget_exhausted = self.budget_exhausted
         return self.stats
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -252,10 +289,17 @@ class Pipeline:
             url, held = await self.images.resolve_held(job.image_uri)
         except JobError as exc:
             return self._dead(job.id, job.image_uri, exc.type, exc.message, 0, delivery)
+        tier = job.tier or self.default_tier
+        if not self.models.serves(tier):
+            message = f"no endpoint serves tier {tier!r}" + (
+                " (Flex PayGo needs the global endpoint)" if tier == "flex" else ""
+            )
+            return self._dead(job.id, job.image_uri, "invalid_job", message, 0, delivery)
+        call = ModelCall(url, job.prompt, tier, job.generation)
         state = RetryState(started_at=started)
         try:
             answer = await retry_call(
-                lambda: self._call_model(url, job.prompt),
+                lambda: self._call_model(call, state),
                 self.retry,
                 state=state,
                 on_retry=self._note_retry,
@@ -267,33 +311,48 @@ class Pipeline:
         finally:
             # The inlined image is not needed once the model has answered (or given up).
             self.images.release(held)
+            self._end_backoff(state)
         return _Outcome(
             "ok",
             result_record(
                 job,
-                description=answer.text,
-                model=answer.model,
-                usage=answer.usage,
+                answer,
                 attempts=state.attempts,
                 started_at=started,
                 source=delivery.source_info,
             ),
         )
 
-    async def _call_model(self, url: str, prompt: str | None) -> Answer:
+    def _end_backoff(self, state: RetryState) -> None:
+        if id(state) in self._backing_off:
+            self._backing_off.discard(id(state))
+            self._follow_limit()
+
+    async def _call_model(self, call: ModelCall, state: RetryState) -> Answer:
+        self._end_backoff(state)
+        # Waiting for a slot counts against the job's deadline: when every endpoint is
+        # out, the job waits, but not forever.
+        deadline = self.retry.deadline_s
+        timeout_s = None if deadline is None else deadline - (time.monotonic() - state.started_at)
         with anyio.CancelScope() as waiting:
             if self._draining:
                 waiting.cancel()
             self._waiting_for_slot.add(waiting)
             try:
-                slot = await self.models.acquire()
+                slot = await self.models.acquire(
+                    call.tier,
+                    timeout_s=max(0.0, timeout_s or 0.0) if timeout_s is not None else None,
+                )
             finally:
                 self._waiting_for_slot.discard(waiting)
         if waiting.cancelled_caught:
             raise DrainRequested
-        return await slot.describe(url, prompt)
+        return await slot.describe(call)
 
     def _note_retry(self, exc: BaseException, kind: Kind, delay: float, state: RetryState) -> None:
+        if delay > 0:
+            self._backing_off.add(id(state))
+            self._follow_limit()
         self.stats.retries += 1
         if kind == "rate_limited":
             self.stats.rate_limited += 1

@@ -22,11 +22,13 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .errors import ServiceError
+from .settings import Tier
 
 __all__ = [
     "Answer",
     "Delivery",
     "PipelineObserver",
+    "Quota",
     "Record",
     "Rejection",
     "ResultStore",
@@ -41,7 +43,11 @@ __all__ = [
 Record = dict[str, Any]
 
 
-@dataclass(slots=True, frozen=True)
+#: A backend's quota as its x-ratelimit-* headers tell it: (limit, remaining, reset_s).
+Quota = tuple[float, float, float]
+
+
+@dataclass(slots=True)
 class Answer:
     """What the model said about one image: the pipeline turns it into a record."""
 
@@ -49,6 +55,12 @@ class Answer:
     model: str
     usage: dict[str, int] | None
     finish_reason: str | None
+    #: Which endpoint answered, at which consumption tier.
+    endpoint: str = ""
+    tier: Tier = "standard"
+    #: What the answer cost (None: unknown), and the quota its headers reported.
+    cost_usd: float | None = None
+    quota: Quota | None = None
 
 
 class Delivery(Protocol):
@@ -91,6 +103,9 @@ class Source(Protocol):
     #: Input from the operator's own machine (file, stdin): local image paths are allowed
     #: below the working directory by default. Remote input (queues) is not trusted.
     trusted: bool
+    #: A queue that delivers again what it is handed back (Pub/Sub): a run that stops
+    #: early (a spent budget) idles instead of exiting, or it would be restarted.
+    redelivers: bool
 
     async def prepare(self) -> None:
         """Check, before anything runs, that the source can be read; raise
@@ -127,6 +142,7 @@ class SourceBase:
 
     name = "source"
     trusted = False
+    redelivers = False
 
     async def prepare(self) -> None:
         return None
@@ -267,6 +283,8 @@ class PipelineObserver(Protocol):
 
     def received(self, delivery: Delivery) -> None: ...
 
-    def model_answered(self, error: ServiceError | None, latency_s: float) -> None: ...
+    def model_answered(
+        self, endpoint: str, error: ServiceError | None, latency_s: float
+    ) -> None: ...
 
     def finished(self, latency_s: float) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -23,8 +24,10 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PROMPT",
     "INLINE_MODES",
+    "TIERS",
     "AuthMode",
     "BigQuerySinkSettings",
+    "EndpointSettings",
     "GcsSinkSettings",
     "HttpSettings",
     "ImageBackend",
@@ -33,14 +36,21 @@ __all__ = [
     "InlineMode",
     "LogSettings",
     "ModelSettings",
+    "PriceSettings",
+    "ProvisionedMode",
     "PubSubSettings",
+    "ResolvedEndpoint",
     "RetrySettings",
     "Settings",
     "SimulatorSettings",
     "SinksSettings",
     "StoreSettings",
+    "Tier",
     "WorkerSettings",
+    "default_prices",
+    "is_global",
     "load_settings",
+    "resolve_endpoints",
     "vertex_base_url",
 ]
 
@@ -58,9 +68,19 @@ LatencyDist = Literal["fixed", "lognormal"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "text"]
 Concurrency = int | Literal["auto"]
+#: Vertex AI consumption options (see worker/model.py for the headers each one sends).
+Tier = Literal["standard", "priority", "flex"]
+#: Provisioned Throughput: use it first when the project has it (auto), only it, or never.
+ProvisionedMode = Literal["auto", "only", "never"]
+TIERS: tuple[Tier, ...] = get_args(Tier)
 
 AUTH_MODES: tuple[AuthMode, ...] = get_args(AuthMode)
 INLINE_MODES: tuple[InlineMode, ...] = get_args(InlineMode)
+
+
+def is_global(base_url: str) -> bool:
+    """A Vertex AI URL of the ``global`` location (the only one serving Flex PayGo)."""
+    return "/locations/global/" in base_url + "/"
 
 
 def vertex_base_url(project: str, location: str) -> str:
@@ -73,10 +93,61 @@ def vertex_base_url(project: str, location: str) -> str:
 
 
 @dataclass
+class EndpointSettings:
+    """One entry of ``[[model.endpoints]]``: an OpenAI-compatible base URL, or a Vertex AI
+    location (with ``model.project``), and what bounds the requests sent to it."""
+
+    url: str = ""
+    location: str = ""
+    # Shown in records, logs and metrics; default: the location, else the URL's host.
+    name: str = ""
+    # Share of the work when several endpoints have room (relative).
+    weight: float = 1.0
+    # This endpoint's own concurrency ceiling; 0: worker.concurrency / max_concurrency.
+    max_concurrency: int = 0
+    # This endpoint's own hard ceilings; 0: worker.rpm / worker.tpm.
+    rpm: float = 0.0
+    tpm: float = 0.0
+    # Serve only jobs of this tier (e.g. a "global" entry kept for flex); "": every tier
+    # the endpoint supports (flex only on the global location).
+    tier: Tier | Literal[""] = ""
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.url) != bool(self.location), key, "needs exactly one of url or location")
+        if self.url:
+            _require(
+                self.url.startswith(("http://", "https://")),
+                f"{key}.url",
+                "must start with http:// or https://",
+            )
+        _require(self.weight > 0, f"{key}.weight", "must be > 0")
+        _require(0 <= self.max_concurrency <= 10_000, f"{key}.max_concurrency", "must be 0..10000")
+        _require(self.rpm >= 0 and self.tpm >= 0, f"{key}.rpm", "rpm and tpm must be >= 0")
+
+
+@dataclass(frozen=True)
+class ResolvedEndpoint:
+    """An endpoint as the worker uses it: a base URL and its bounds, all defaults applied."""
+
+    name: str
+    base_url: str
+    weight: float
+    max_concurrency: int
+    rpm: float
+    tpm: float
+    tiers: frozenset[Tier]
+
+
+@dataclass
 class ModelSettings:
     base_url: str = ""
     project: str = ""
     location: str = ""
+    # Several endpoints (regions, backends); empty: the one above. See EndpointSettings.
+    endpoints: list[EndpointSettings] = field(default_factory=list)
+    # Comma-separated Vertex AI locations, one endpoint each (with project); e.g.
+    # "us-central1,europe-west4,global".
+    locations: str = ""
     model: str = DEFAULT_MODEL
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 0
@@ -84,6 +155,12 @@ class ModelSettings:
     auth: AuthMode = "google"
     api_key_env: str = "OPENAI_API_KEY"
     image_url_form: ImageUrlForm = "string"
+    # The consumption tier of jobs that do not name one.
+    tier: Tier = "standard"
+    provisioned: ProvisionedMode = "auto"
+    # Flex PayGo answers slowly: its requests get this timeout (Vertex AI's default is
+    # 20 minutes, its maximum 30).
+    flex_timeout_s: float = 1200.0
 
     def validate(self) -> None:
         _require(bool(self.model.strip()), "model.model", "must not be empty")
@@ -91,12 +168,19 @@ class ModelSettings:
         _require(self.max_tokens >= 0, "model.max_tokens", "must be >= 0 (0 = not sent)")
         _require(0 < self.timeout_s <= 3600, "model.timeout_s", "must be > 0 and <= 3600")
         _require(bool(self.api_key_env), "model.api_key_env", "must name an environment variable")
+        _require(
+            0 < self.flex_timeout_s <= 1800,
+            "model.flex_timeout_s",
+            "must be > 0 and <= 1800 (Vertex AI's maximum for Flex PayGo)",
+        )
         if self.base_url:
             _require(
                 self.base_url.startswith(("http://", "https://")),
                 "model.base_url",
                 "must start with http:// or https://",
             )
+        for i, endpoint in enumerate(self.endpoints):
+            endpoint.validate(f"model.endpoints[{i}]")
 
     def resolved_base_url(self) -> str:
         """The base URL in force: explicit, else Vertex AI's for project and location."""
@@ -111,6 +195,114 @@ class ModelSettings:
                 "(or GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION)",
             )
         return vertex_base_url(project, location)
+
+    def _project(self, key: str) -> str:
+        project = self.project or os.environ.get("GOOGLE_CLOUD_PROJECT", "")
+        _require(
+            bool(project), key, "a Vertex AI location needs --project (or GOOGLE_CLOUD_PROJECT)"
+        )
+        return project
+
+
+def resolve_endpoints(settings: Settings) -> list[ResolvedEndpoint]:
+    """Every endpoint the worker sends to, with names, bounds and tiers resolved.
+
+    ``[[model.endpoints]]`` (or ``--endpoint``) wins; else ``model.locations``; else the
+    one endpoint of ``model.base_url`` / project and location, as before there were many.
+    """
+    m, w = settings.model, settings.worker
+    entries = list(m.endpoints)
+    if not entries and m.locations.strip():
+        entries = [
+            EndpointSettings(location=loc.strip()) for loc in m.locations.split(",") if loc.strip()
+        ]
+    if not entries:
+        entries = [EndpointSettings(url=m.resolved_base_url())]
+    out: list[ResolvedEndpoint] = []
+    for i, e in enumerate(entries):
+        key = f"model.endpoints[{i}]" if m.endpoints else "model.locations"
+        base_url = (e.url or vertex_base_url(m._project(key), e.location)).rstrip("/")
+        name = e.name or e.location or _endpoint_name(base_url)
+        tiers: frozenset[Tier] = (
+            frozenset({e.tier})
+            if e.tier
+            else frozenset(
+                {"standard", "priority", "flex"}
+                if is_global(base_url)
+                else {"standard", "priority"}
+            )
+        )
+        if e.tier == "flex":
+            _require(
+                is_global(base_url),
+                f"{key}.tier",
+                "flex needs the global endpoint (Vertex AI serves Flex PayGo only there)",
+            )
+        out.append(
+            ResolvedEndpoint(
+                name=name,
+                base_url=base_url,
+                weight=e.weight,
+                max_concurrency=e.max_concurrency,
+                rpm=e.rpm or w.rpm,
+                tpm=e.tpm or w.tpm,
+                tiers=tiers,
+            )
+        )
+    names = [e.name for e in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _require(not dupes, "model.endpoints", f"names must be unique; repeated: {', '.join(dupes)}")
+    served = frozenset().union(*(e.tiers for e in out))
+    _require(
+        m.tier in served,
+        "model.tier",
+        f"no endpoint serves {m.tier!r}"
+        + (" (flex needs the global location: --locations ...,global)" if m.tier == "flex" else ""),
+    )
+    return out
+
+
+def _endpoint_name(base_url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    match = re.search(r"/locations/([^/]+)/", parts.path + "/")
+    if match:
+        return match.group(1)
+    host = parts.hostname or base_url
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+@dataclass
+class PriceSettings:
+    """One model's list price, USD per million tokens, and a multiplier per tier (0: not
+    known, so results of that tier get ``cost_usd: null``)."""
+
+    input_usd_per_mtok: float = 0.0
+    output_usd_per_mtok: float = 0.0
+    flex_multiplier: float = 0.0
+    priority_multiplier: float = 0.0
+
+    def validate(self, key: str) -> None:
+        for name in (
+            "input_usd_per_mtok",
+            "output_usd_per_mtok",
+            "flex_multiplier",
+            "priority_multiplier",
+        ):
+            _require(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+
+
+def default_prices() -> dict[str, PriceSettings]:
+    """Vertex AI list prices (Standard PayGo, USD per 1M tokens), read 2026-11-30 from
+    Google's pricing page (cloud.google.com/vertex-ai/generative-ai/pricing) as quoted in
+    LiteLLM's price table. Flex PayGo is 50% of Standard (Vertex AI's Flex PayGo page);
+    Google publishes no single Priority multiplier, so it is left unknown."""
+    return {
+        "google/gemini-2.0-flash-001": PriceSettings(0.15, 0.60, flex_multiplier=0.5),
+        "google/gemini-2.5-flash": PriceSettings(0.30, 2.50, flex_multiplier=0.5),
+        "google/gemini-2.5-flash-lite": PriceSettings(0.10, 0.40, flex_multiplier=0.5),
+    }
 
 
 @dataclass
@@ -146,6 +338,9 @@ class WorkerSettings:
     # before a request and corrected from the answer's usage.
     rpm: float = 0.0
     tpm: float = 0.0
+    # Stop admitting jobs once this much (USD) has been spent in this process's run; 0:
+    # no budget. Needs a price for the model ([prices]).
+    budget_usd: float = 0.0
     # Local files a job may name are read only below this directory ("" = working dir for
     # file/stdin sources, nowhere for remote sources).
     allow_file_root: str = ""
@@ -171,6 +366,7 @@ class WorkerSettings:
         _require(self.max_jobs_in_flight >= 0, "worker.max_jobs_in_flight", "must be >= 0")
         _require(self.rpm >= 0, "worker.rpm", "must be >= 0 (0 = no ceiling)")
         _require(self.tpm >= 0, "worker.tpm", "must be >= 0 (0 = no ceiling)")
+        _require(self.budget_usd >= 0, "worker.budget_usd", "must be >= 0 (0 = no budget)")
 
     @property
     def concurrency_ceiling(self) -> int:
@@ -466,10 +662,21 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     sinks: SinksSettings = field(default_factory=SinksSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    #: ``[prices."MODEL"]`` tables; defaults: default_prices().
+    prices: dict[str, PriceSettings] = field(default_factory=default_prices)
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if f.name != "prices":
+                getattr(self, f.name).validate()
+        for model, price in self.prices.items():
+            price.validate(f"prices.{model}")
+        if self.worker.budget_usd:
+            _require(
+                self.model.model in self.prices,
+                "worker.budget_usd",
+                f"needs a price for {self.model.model!r} in [prices] (the spend cannot be known)",
+            )
         return self
 
     def set(self, dotted: str, value: Any) -> None:
@@ -516,6 +723,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     Literal choices are matched case-insensitively, so ``WORKER_LOG__LEVEL=DEBUG`` works;
     ``int | Literal["auto"]`` takes either. Anything else is a ConfigError naming the key.
     """
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [
+                v if isinstance(v, item) else _build(item, v, f"{key}[{i}]")
+                for i, v in enumerate(value)
+            ]
+        raise ConfigError(key, "must be a list of tables ([[...]] in the config file)")
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if typing.get_origin(hint) is typing.Union:
         options = typing.get_args(hint)
@@ -555,6 +770,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(key, f"must be {' or '.join(choices)} (got {value!r})")
 
 
+def _build(cls: Any, table: Any, key: str) -> Any:
+    """A dataclass from a TOML table, each value coerced and checked like any setting."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(key, "must be a table")
+    hints = typing.get_type_hints(cls)
+    obj = cls()
+    for name, value in table.items():
+        if name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"{key}.{name}", f"unknown key (known keys: {known})")
+        setattr(obj, name, _coerce(f"{key}.{name}", value, hints[name]))
+    return obj
+
+
 _BOOL_WORDS = frozenset({"1", "true", "yes", "on", "0", "false", "no", "off"})
 
 
@@ -563,6 +792,11 @@ def _apply_mapping(
 ) -> None:
     for name, body in data.items():
         dotted = f"{prefix}{name}"
+        if not prefix and name == "prices" and isinstance(body, Mapping):
+            # Model names hold dots and slashes: [prices."google/gemini-2.0-flash-001"].
+            for model, table in body.items():
+                settings.prices[model] = _build(PriceSettings, table, f"prices.{model}")
+            continue
         if not prefix and not isinstance(body, Mapping):
             raise ConfigError(name, f"{origin}: expected a [{name}] table")
         if isinstance(body, Mapping):

@@ -80,6 +80,7 @@ class PubSubSource(SourceBase):
     """
 
     trusted = False
+    redelivers = True
 
     def __init__(
         self,

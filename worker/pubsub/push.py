@@ -74,6 +74,7 @@ class PushSource(SourceBase):
     """
 
     trusted = False
+    redelivers = True
 
     def __init__(
         self,
