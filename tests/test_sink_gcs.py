@@ -502,12 +502,12 @@ async def test_aclose_finalises_the_open_object(emulator: str) -> None:
 # -- failures -------------------------------------------------------------------------------
 
 
-def _faulty_sink(proxy: Proxy, **kw: Any) -> GcsSink:
+def _faulty_sink(proxy: Proxy, clock: ManualClock | None = None, **kw: Any) -> GcsSink:
     # auto_advance: retry waits move the clock instead of being slept.
     return GcsSink(
         "gs://results/out/",
         settings=settings(roll_records=5, **kw),
-        clock=ManualClock(auto_advance=True),
+        clock=clock or ManualClock(auto_advance=True),
         storage_host=proxy.base_url,
     )
 
@@ -531,9 +531,8 @@ async def test_a_429_is_retried_after_the_pause_the_service_asks_for(
     proxy: Proxy, emulator: str
 ) -> None:
     proxy.upload_faults = ["429"]
-    sink = _faulty_sink(proxy)
-    clock = sink._clock
-    assert isinstance(clock, ManualClock)
+    clock = ManualClock(auto_advance=True)
+    sink = _faulty_sink(proxy, clock)
     try:
         await sink.write(records(5))
     finally:
