@@ -545,8 +545,12 @@ class GcsSinkSettings:
     roll_records: int = 10_000
     roll_bytes: int = 64 * 1024 * 1024
     roll_age_s: float = 10.0
-    # Names this replica's objects (PREFIX/YYYY/MM/DD/HH/<replica>-<seq>.jsonl); empty:
-    # the host name and process id, so replicas never collide.
+    # Also finalise once no record has come for this long (0: off), so that a finished
+    # batch run, or a pipeline whose admitted jobs all wait on this object, does not wait
+    # out roll_age_s. Smaller: quicker acks, more (smaller) objects when traffic is thin.
+    roll_idle_s: float = 0.5
+    # Names this replica's objects (PREFIX/YYYY/MM/DD/HH/<time>-<replica>-<run>-<seq>.jsonl,
+    # <run> random per process); empty: the host name and process id.
     replica: str = ""
     request_timeout_s: float = 120.0
     # A failed upload is retried (same object name, ifGenerationMatch=0) this long.
@@ -562,6 +566,7 @@ class GcsSinkSettings:
             "must be 1024..5368709120",
         )
         _require(0 < self.roll_age_s <= 3600, "sinks.gcs.roll_age_s", "must be > 0 and <= 3600")
+        _require(0 <= self.roll_idle_s <= 3600, "sinks.gcs.roll_idle_s", "must be 0..3600")
         _require(
             self.replica == "" or self.replica.replace("-", "").replace("_", "").isalnum(),
             "sinks.gcs.replica",
