@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The BigQuery emulator the sink tests start: a venv of its own, never .venv (see
+# tests/fakes/bigquery-emulator.txt). The tests find it at .venv-bq/bin/python, or at
+# the interpreter named by BQ_EMULATOR_PYTHON.
+BQ_VENV := .venv-bq
+BQ_STAMP := $(BQ_VENV)/.installed
+BQ_REQUIREMENTS := tests/fakes/bigquery-emulator.txt
 
-.PHONY: run test lint typecheck pytest install clean bench examples lock
+.PHONY: run test lint typecheck pytest install bq-emulator clean bench examples lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +21,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(BQ_STAMP): $(BQ_REQUIREMENTS)
+	$(PYTHON) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/pip install --quiet -r $(BQ_REQUIREMENTS)
+	touch $(BQ_STAMP)
+
+bq-emulator: $(BQ_STAMP)
 
 ## The main job on the embedded default: sample jobs -> worker -> simulator -> out/results.jsonl
 run: $(STAMP)
@@ -30,7 +43,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(BQ_STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
@@ -40,7 +53,7 @@ examples: $(STAMP)
 	$(BIN)/python examples/make_examples.py
 
 clean:
-	rm -rf $(VENV) out .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BQ_VENV) out .mypy_cache .pytest_cache .ruff_cache
 
 ## Regenerate requirements.lock: every runtime dependency pinned with hashes, for the
 ## container image (Dockerfile installs it with --require-hashes). Run after changing

@@ -21,6 +21,7 @@ from typing import Literal, get_args
 
 __all__ = [
     "ERROR_TYPES",
+    "BigQueryError",
     "BlockedAddressError",
     "ConfigError",
     "DrainRequested",
@@ -152,6 +153,12 @@ class StorageError(ServiceError):
     """A Cloud Storage call failed."""
 
     service = "storage"
+
+
+class BigQueryError(ServiceError):
+    """A BigQuery REST call failed (a ``bq:`` sink's table or insertAll)."""
+
+    service = "bigquery"
 
 
 class FetchError(ServiceError):
