@@ -39,12 +39,12 @@ from worker.sinks.bigquery import (
     record_row,
 )
 
-from .conftest import read_jsonl
 from .fakes.bigquery_emulator import (
     EmulatorStartError,
     EmulatorUnavailable,
     start_bigquery_emulator,
 )
+from .helpers import read_jsonl
 
 PROJECT = "test-project"
 FAST_RETRY = RetryPolicy(

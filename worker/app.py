@@ -26,12 +26,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
 
-from .auth import GoogleTokens, NoTokens, make_token_provider
+from .auth import GoogleTokens, LazyGoogleTokens, NoTokens, make_token_provider
 from .cost import Budget, Prices
 from .endpoints import Endpoint, EndpointPool
 from .fetch import ImageFetcher
@@ -77,6 +77,9 @@ class Runtime:
     tokens: TokenProvider
     #: One client per endpoint, in the order of ``resolve_endpoints``.
     models: tuple[tuple[ResolvedEndpoint, ModelClient], ...]
+    #: Google credentials for Google APIs (Pub/Sub, Cloud Storage, BigQuery): the model's
+    #: when they are Google's, else loaded on first use. Never an API key.
+    google_tokens: TokenProvider = field(default_factory=LazyGoogleTokens)
     simulator: Simulator | None = None
     #: Fetches image bytes for jobs (https://, gs://); owns its HTTP sessions.
     fetcher: ImageFetcher | None = None
@@ -147,7 +150,12 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
         stack.push_async_callback(close_fetcher)
         tune_gc()
         yield Runtime(
-            settings=settings, tokens=tokens, models=models, simulator=simulator, fetcher=fetcher
+            settings=settings,
+            tokens=tokens,
+            models=models,
+            google_tokens=tokens if tokens.google else LazyGoogleTokens(),
+            simulator=simulator,
+            fetcher=fetcher,
         )
 
 
@@ -263,6 +271,8 @@ async def run_pipeline(
         )
     results = BatchWriter(sink, on_write=telemetry.sink_observer("results"))
     dead = BatchWriter(dead_letter, on_write=telemetry.sink_observer("dead_letter"))
+    for s in {id(sink): sink, id(dead_letter): dead_letter}.values():
+        s.set_tokens(rt.google_tokens)
     try:
         await source.prepare()
         await sink.prepare()
@@ -375,12 +385,7 @@ async def pubsub_session(client: PubSubClient | None, rt: Runtime) -> AsyncItera
     """Give ``client`` a Google token (the runtime's when it holds Google credentials, else
     its own, never an API key); close it after the sources and sinks."""
     if client is not None and not client.emulator:
-        if rt.tokens.google:
-            client.share_tokens(rt.tokens)
-        else:
-            own = GoogleTokens()
-            await own.start()
-            client.share_tokens(own)
+        client.share_tokens(rt.google_tokens)
     try:
         yield
     finally:

@@ -29,6 +29,7 @@ from .retry import RetryPolicy, RetryState, retry_call
 __all__ = [
     "CLOUD_PLATFORM_SCOPE",
     "GoogleTokens",
+    "LazyGoogleTokens",
     "NoTokens",
     "StaticToken",
     "TokenProvider",
@@ -255,6 +256,49 @@ class GoogleTokens:
                 state=RetryState(started_at=time.monotonic()),
                 classify=_refresh_kind,
             )
+
+
+class LazyGoogleTokens:
+    """Google credentials fetched on first use: for Google APIs (Pub/Sub, Cloud Storage,
+    BigQuery) when the model uses an API key or no auth. Nothing is loaded unless a
+    request needs a token (an emulator never does)."""
+
+    google = True
+
+    def __init__(self) -> None:
+        self._inner = GoogleTokens()
+        self._started = False
+        self._lock = anyio.Lock()
+
+    @property
+    def refreshes(self) -> int:
+        return self._inner.refreshes
+
+    @property
+    def refresh_failures(self) -> int:
+        return self._inner.refresh_failures
+
+    @property
+    def expires_at(self) -> float | None:
+        return self._inner.expires_at
+
+    async def start(self) -> None:
+        return None
+
+    async def token(self) -> str:
+        if not self._started:
+            async with self._lock:
+                if not self._started:
+                    await self._inner.start()
+                    self._started = True
+        return await self._inner.token()
+
+    async def refresh_after_rejection(self, rejected: str) -> None:
+        await self._inner.refresh_after_rejection(rejected)
+
+    async def run_refresher(self) -> None:
+        # Refreshed when used: token() refreshes a token that is no longer usable.
+        return None
 
 
 def _credentials_problem(exc: BaseException) -> str:

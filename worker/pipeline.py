@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -123,6 +124,14 @@ class Pipeline:
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
+        # Jobs whose record waits for a sink that batches (an object finalised when full
+        # or old): they give their admission slot back while they wait (see _finish).
+        pending = results.sink.max_pending_records
+        if dead_letter is not results:
+            pending += dead_letter.sink.max_pending_records
+        self._handoff = Limiter(pending) if pending > 0 else None
+        # Before the source's services start: a queue holds only what we can take.
+        self._tell_capacity()
         self._max_jobs_in_flight = jobs_in_flight
         self._followed_limit = 0
         #: Stop reading after this many jobs (a load test on a subscription); None: never.
@@ -198,7 +207,13 @@ class Pipeline:
         self._followed_limit = target
         jobs = max(1, min(self._max_jobs_in_flight, target))
         self.admission.set_limit(jobs)
-        self.source.set_capacity(jobs)
+        self._tell_capacity()
+
+    def _tell_capacity(self) -> None:
+        """How many jobs the source should hold: those admitted, and those waiting for a
+        batching sink to make their record durable."""
+        pending = self._handoff.limit if self._handoff is not None else 0
+        self.source.set_capacity(self.admission.limit + pending)
 
     # -- the run ---------------------------------------------------------------------
 
@@ -207,6 +222,7 @@ class Pipeline:
 
         The sink writers must be running (``BatchWriter.run``) in an enclosing task group.
         """
+        self._tell_capacity()
         deliveries = self.source.deliveries()
         try:
             async with anyio.create_task_group() as jobs:
@@ -243,6 +259,15 @@ class Pipeline:
 
     async def _handle(self, delivery: Delivery) -> None:
         admitted_at = time.monotonic()
+        admitted = True
+
+        def leave_admission() -> None:
+            nonlocal admitted
+            if admitted:
+                admitted = False
+                self._follow_limit()
+                self.admission.release()
+
         try:
             try:
                 outcome = await self._process(delivery)
@@ -255,10 +280,9 @@ class Pipeline:
                 log.exception("job_crashed")
                 outcome = _Outcome("retry")
             with anyio.CancelScope(shield=True):
-                await self._finish(delivery, outcome)
+                await self._finish(delivery, outcome, leave_admission)
         finally:
-            self._follow_limit()
-            self.admission.release()
+            leave_admission()
             if self._observer is not None:
                 self._observer.finished(time.monotonic() - admitted_at)
 
@@ -409,7 +433,9 @@ class Pipeline:
             ),
         )
 
-    async def _finish(self, delivery: Delivery, outcome: _Outcome) -> None:
+    async def _finish(
+        self, delivery: Delivery, outcome: _Outcome, leave_admission: Callable[[], None]
+    ) -> None:
         if outcome.kind == "skip":
             self.stats.skipped += 1
             await self._ack(delivery)
@@ -425,6 +451,18 @@ class Pipeline:
             return
         record, ok = outcome.record, outcome.kind == "ok"
         assert record is not None
+        if self._handoff is not None:
+            # The record is all this job still needs: let the next job in while it waits.
+            await self._handoff.acquire()
+            leave_admission()
+        try:
+            await self._store(delivery, record, ok)
+        finally:
+            if self._handoff is not None:
+                self._handoff.release()
+
+    async def _store(self, delivery: Delivery, record: Record, ok: bool) -> None:
+        """Write the record (results or dead letters), then ack; hand back on failure."""
         try:
             try:
                 await (self.results if ok else self.dead_letter).put(record)

@@ -186,6 +186,19 @@ class Sink(Protocol):
     #: that is finalised when it is full or old enough).
     max_concurrent_writes: int
 
+    @property
+    def max_pending_records(self) -> int:
+        """Records that may wait on such a shared thing before they are durable. The
+        pipeline lets that many jobs wait for durability without holding an admission
+        slot (they hold only their record), so a sink that batches for seconds does not
+        starve the model of work. 0 for sinks whose writes are durable when they return
+        on their own."""
+        ...
+
+    def set_tokens(self, tokens: TokenProvider) -> None:
+        """The process's Google token provider, for sinks that write to Google APIs
+        (called before ``prepare``). Its token is fetched only if the sink needs one."""
+
     async def prepare(self) -> None:
         """Check, before anything runs, that records can be written; raise
         :class:`~worker.errors.ConfigError` for what the operator must fix."""
@@ -207,6 +220,13 @@ class SinkBase:
 
     name = "sink"
     max_concurrent_writes = 1
+
+    @property
+    def max_pending_records(self) -> int:
+        return 0
+
+    def set_tokens(self, tokens: TokenProvider) -> None:
+        return None
 
     async def prepare(self) -> None:
         return None
@@ -253,9 +273,15 @@ class TokenProvider(Protocol):
     """Where bearer tokens come from (``worker.auth``). ``run_refresher`` runs for the
     life of the process; the counters and expiry feed ``/metrics`` and ``/readyz``."""
 
-    #: Token refreshes, and the ones that failed.
-    refreshes: int
-    refresh_failures: int
+    @property
+    def refreshes(self) -> int:
+        """Token refreshes so far."""
+        ...
+
+    @property
+    def refresh_failures(self) -> int:
+        """Refreshes that failed."""
+        ...
 
     @property
     def expires_at(self) -> float | None:

@@ -238,6 +238,8 @@ class PubSubSource(SourceBase):
         try:
             async with anyio.create_task_group() as tg:
                 self._services_running = True
+                # Several pulls in flight only pay when there is room for many messages.
+                self.pull_loops = max(1, min(4, self.max_messages // 100))
                 for _ in range(self.pull_loops):
                     tg.start_soon(self._pull_loop)
                 tg.start_soon(self.leaser.run)

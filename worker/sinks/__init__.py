@@ -24,15 +24,35 @@ __all__ = [
     "open_sinks",
 ]
 
-SINK_SCHEMES = "jsonl:PATH, stdout: or pubsub:projects/P/topics/T"
+SINK_SCHEMES = (
+    "jsonl:PATH, stdout:, pubsub:projects/P/topics/T, gs://BUCKET/PREFIX/ "
+    "or bq:PROJECT.DATASET.TABLE"
+)
 
 
-def open_sink(spec: str, *, key: str = "worker.sink", pubsub: PubSubClient | None = None) -> Sink:
+def open_sink(
+    spec: str,
+    *,
+    key: str = "worker.sink",
+    pubsub: PubSubClient | None = None,
+    settings: Settings | None = None,
+) -> Sink:
     """A sink for ``spec`` (nothing is opened yet: see ``Sink.prepare``). ``pubsub`` is
-    the process's Pub/Sub client, which a ``pubsub:`` sink needs."""
+    the process's Pub/Sub client, which a ``pubsub:`` sink needs; ``settings`` tunes the
+    Cloud Storage and BigQuery sinks."""
     scheme, sep, rest = spec.partition(":")
     if not sep:
         raise ConfigError(key, f"{spec!r} has no scheme; use {SINK_SCHEMES}")
+    if scheme == "gs":
+        from ..settings import Settings
+        from .gcs import GcsSink
+
+        return GcsSink(spec, settings=(settings or Settings()).sinks.gcs, key=key)
+    if scheme == "bq":
+        from ..settings import Settings
+        from .bigquery import BigQuerySink
+
+        return BigQuerySink(spec, settings=(settings or Settings()).sinks.bigquery, key=key)
     if scheme == "jsonl":
         if not rest:
             raise ConfigError(key, "jsonl: needs a path (jsonl:out/results.jsonl)")
@@ -50,12 +70,19 @@ def open_sink(spec: str, *, key: str = "worker.sink", pubsub: PubSubClient | Non
 
 
 def default_dead_letter(sink_spec: str) -> str:
-    """``jsonl:out/results.jsonl`` -> ``jsonl:out/results.dead-letter.jsonl``; else the sink itself."""
+    """Where dead letters go unless told: ``jsonl:out/results.jsonl`` ->
+    ``jsonl:out/results.dead-letter.jsonl``; ``gs://b/results/`` ->
+    ``gs://b/results.dead-letter/``; else the sink itself (a BigQuery table holds both:
+    ``status`` tells them apart)."""
     scheme, _, rest = sink_spec.partition(":")
     if scheme == "jsonl" and rest:
         path = Path(rest)
         stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
         return f"jsonl:{path.with_name(stem + '.dead-letter.jsonl')}"
+    if scheme == "gs" and rest.startswith("//"):
+        bucket, _, prefix = rest[2:].partition("/")
+        prefix = prefix.rstrip("/")
+        return f"gs://{bucket}/{prefix + '.dead-letter' if prefix else 'dead-letter'}/"
     return sink_spec
 
 
@@ -69,7 +96,7 @@ def open_sinks(settings: Settings, pubsub: PubSubClient | None) -> tuple[Sink, S
     (the same object when both specs are the same)."""
     spec = settings.worker.sink
     dl_spec = dead_letter_spec(settings)
-    sink = open_sink(spec, pubsub=pubsub)
+    sink = open_sink(spec, pubsub=pubsub, settings=settings)
     if dl_spec == spec:
         return sink, sink
-    return sink, open_sink(dl_spec, key="worker.dead_letter", pubsub=pubsub)
+    return sink, open_sink(dl_spec, key="worker.dead_letter", pubsub=pubsub, settings=settings)

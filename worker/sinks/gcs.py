@@ -209,6 +209,11 @@ class GcsSink(SinkBase):
     #: so that batches are not serialised behind the age timer.
     max_concurrent_writes = 1024
 
+    @property
+    def max_pending_records(self) -> int:
+        # The open object and the one being uploaded: what waits for a finalisation.
+        return 2 * self._settings.roll_records
+
     def __init__(
         self,
         url: str,

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FileSource", "LocalDelivery", "MemorySource", "StdinSource", "open_source"]
 
+# Messages held with no configured cap: the pipeline's capacity decides (set_capacity).
+UNCAPPED_MESSAGES = 1_000_000
 SOURCE_SCHEMES = "file:PATH, stdin: or pubsub:projects/P/subscriptions/S"
 
 
@@ -43,12 +45,11 @@ def open_source(
         if pubsub is None:
             raise ValueError("a pubsub: source needs the process's Pub/Sub client")
         p = settings.pubsub
-        in_flight = settings.worker.jobs_in_flight_limit
         return PubSubSource(
             subscription,
             pubsub,
-            max_outstanding_messages=p.max_outstanding_messages
-            or in_flight + max(1, in_flight // 4),
+            # 0: follow what the pipeline can take (set_capacity), with no cap of its own.
+            max_outstanding_messages=p.max_outstanding_messages or UNCAPPED_MESSAGES,
             max_outstanding_bytes=p.max_outstanding_bytes,
             lease_extension_s=p.lease_extension_s,
             max_lease_s=p.max_lease_s,
