@@ -49,6 +49,8 @@ def test_default_toml_documents_every_key() -> None:
             assert f.name in doc, f"{key} is not in config/default.toml"
             if dataclasses.is_dataclass(value):
                 check(doc[f.name], value, f"{key}.")  # type: ignore[arg-type]
+            elif f.name == "schemas":
+                assert doc["schemas"] == value
             elif f.name == "prices":
                 assert doc["prices"] == {m: dataclasses.asdict(p) for m, p in value.items()}
             else:

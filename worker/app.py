@@ -45,9 +45,12 @@ from .pipeline import Pipeline, RunStats
 from .protocols import Sink, Source, TokenProvider
 from .pubsub import PubSubClient, PushSource, client_for, make_verifier
 from .retry import RetryPolicy
+from .reuse import Reuse
+from .schemas import load_schemas
 from .settings import ResolvedEndpoint, Settings, resolve_endpoints
 from .sinks import BatchWriter, StdoutSink, dead_letter_spec, open_sinks
 from .sources import FileSource, MemorySource, StdinSource, open_source
+from .store import open_store
 
 if TYPE_CHECKING:
     from .simulator import Simulator
@@ -263,6 +266,23 @@ async def run_pipeline(
     operator must fix (a missing file, a subscription that does not exist, a directory
     that cannot be written) surfaces as one :class:`~worker.errors.ConfigError`."""
     settings = rt.settings
+    # Schemas are checked (and a bad one refused) before anything is opened.
+    schemas = await anyio.to_thread.run_sync(
+        load_schemas, settings.model.response_schema, settings.schemas
+    )
+    store = open_store(settings.store.uri)
+    reuse = (
+        Reuse(
+            store,
+            key_mode=settings.store.key,
+            ttl_s=settings.store.ttl_s,
+            lease_s=settings.store.lease_s,
+            wait_s=settings.store.wait_s,
+            gcs_identity=rt.fetcher.gcs_identity if rt.fetcher is not None else None,
+        )
+        if store is not None
+        else None
+    )
     if telemetry is None:
         telemetry = Telemetry(
             stall_timeout_s=settings.http.stall_timeout_s,
@@ -278,12 +298,16 @@ async def run_pipeline(
         await sink.prepare()
         if dead_letter is not sink:
             await dead_letter.prepare()
+        if store is not None:
+            await store.prepare()
     except BaseException:
         with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
             await source.aclose()
             await sink.aclose()
             if dead_letter is not sink:
                 await dead_letter.aclose()
+            if store is not None:
+                await store.aclose()
         raise
     if source.answered_at is not None:
         telemetry.mark_source_answered()
@@ -316,6 +340,11 @@ async def run_pipeline(
         observer=telemetry,
         max_jobs=max_jobs,
         default_tier=settings.model.tier,
+        generation=settings.model.generation(),
+        schemas=schemas if schemas else None,
+        reuse=reuse,
+        prompt=settings.model.prompt,
+        model_name=settings.model.model,
     )
     if models.budget is not None:
         models.budget.on_exhausted = pipeline.budget_reached
@@ -327,6 +356,8 @@ async def run_pipeline(
                 root.start_soon(dead.run)
             root.start_soon(rt.tokens.run_refresher)
             root.start_soon(telemetry.watch_loop)
+            if reuse is not None:
+                root.start_soon(reuse.run_renewer)
             if handle_signals:
                 # Before the source's services start: a SIGTERM during start-up drains too.
                 root.start_soon(_watch_signals, pipeline, shutdown_grace_s, telemetry)
@@ -349,6 +380,8 @@ async def run_pipeline(
             await sink.aclose()
             if dead_letter is not sink:
                 await dead_letter.aclose()
+            if store is not None:
+                await store.aclose()
         if cleanup.cancelled_caught:
             log.error("cleanup_timed_out", extra={"timeout_s": CLEANUP_TIMEOUT_S})
     if telemetry.drain_started_at is not None:

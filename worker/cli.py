@@ -38,6 +38,15 @@ _MODEL_FLAGS = {
     "provisioned": "model.provisioned",
     "flex_timeout_s": "model.flex_timeout_s",
     "budget_usd": "worker.budget_usd",
+    "temperature": "model.temperature",
+    "top_p": "model.top_p",
+    "seed": "model.seed",
+    "stop": "model.stop",
+    "response_schema": "model.response_schema",
+    "store": "store.uri",
+    "store_key": "store.key",
+    "store_ttl_s": "store.ttl_s",
+    "bq_create_table": "sinks.bigquery.create_table",
     "log_format": "log.format",
     "log_level": "log.level",
 }
@@ -145,6 +154,32 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--budget-usd",
         type=float,
         help="stop admitting jobs once this much has been spent (list prices; default none)",
+    )
+    gen = p.add_argument_group("generation and structured output")
+    gen.add_argument(
+        "--temperature", type=float, help="sampling temperature, 0..2 (default: not sent)"
+    )
+    gen.add_argument("--top-p", type=float, help="nucleus sampling, (0, 1] (default: not sent)")
+    gen.add_argument("--seed", type=int, help="sampling seed (default: not sent)")
+    gen.add_argument("--stop", help="a stop sequence (default: none)")
+    gen.add_argument(
+        "--response-schema",
+        metavar="FILE.json",
+        help="answer with JSON matching this JSON Schema (validated; record field 'output')",
+    )
+    st = p.add_argument_group("result store (reuse, exactly-once)")
+    st.add_argument("--store", metavar="URI", help="none, sqlite:PATH or redis://HOST:PORT/DB")
+    st.add_argument(
+        "--store-key",
+        choices=("content", "uri"),
+        help="know an image by its content (default) or by its URI alone",
+    )
+    st.add_argument("--store-ttl-s", type=float, help="stored answers lapse after this (0: never)")
+    st.add_argument(
+        "--bq-create-table",
+        action="store_true",
+        default=None,
+        help="bq: sinks: create the table (partitioned by finished_at) if it is missing",
     )
     g.add_argument("--log-format", choices=("auto", "json", "text"), help="stderr log format")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")

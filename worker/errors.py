@@ -58,6 +58,7 @@ ErrorType = Literal[
     "model_rejected",
     "retries_exhausted",
     "sink_rejected",
+    "schema_mismatch",
 ]
 ERROR_TYPES: frozenset[str] = frozenset(get_args(ErrorType))
 

@@ -26,6 +26,7 @@ Messages never carry a URL's query string (signed URLs keep their signatures the
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -392,12 +393,35 @@ class ImageFetcher:
 
     async def fetch_gcs(self, bucket: str, name: str) -> bytes:
         """An object's bytes through the Cloud Storage JSON API (or its emulator)."""
+        return await self._with_retries(
+            lambda: self._fetch_storage_once(
+                self._object_url(bucket, name, media=True), bucket, name
+            ),
+            f"gs://{bucket}/{name}",
+        )
+
+    async def gcs_identity(self, bucket: str, name: str) -> str:
+        """What the object is, not where: its generation and checksum, from one metadata
+        GET. An object overwritten in place gets a new generation, hence a new identity."""
+        raw = await self._with_retries(
+            lambda: self._fetch_storage_once(
+                self._object_url(bucket, name, media=False), bucket, name
+            ),
+            f"gs://{bucket}/{name}",
+        )
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise JobError("fetch_failed", f"gs://{bucket}/{name}: unreadable metadata") from None
+        if not isinstance(meta, dict):
+            raise JobError("fetch_failed", f"gs://{bucket}/{name}: unreadable metadata")
+        checksum = meta.get("crc32c") or meta.get("md5Hash") or meta.get("etag") or ""
+        return f"gs://{bucket}/{name}#{meta.get('generation', '')}:{checksum}"
+
+    def _object_url(self, bucket: str, name: str, *, media: bool) -> URL:
         path = f"/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}"
         # encoded=True: keep %2F in object names, and let no ".." segment be normalised away.
-        target = URL(self.storage_base + path + "?alt=media", encoded=True)
-        return await self._with_retries(
-            lambda: self._fetch_storage_once(target, bucket, name), f"gs://{bucket}/{name}"
-        )
+        return URL(self.storage_base + path + ("?alt=media" if media else ""), encoded=True)
 
     # -- internals -----------------------------------------------------------------------
 

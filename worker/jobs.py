@@ -279,6 +279,8 @@ def result_record(
         "tier": answer.tier,
         "usage": answer.usage,
         "cost_usd": answer.cost_usd,
+        # True when the answer came from the result store, not from a model call.
+        "cached": False,
         "attempts": attempts,
         "latency_s": round(time.monotonic() - started_at, 4),
         "finished_at": rfc3339_now(),

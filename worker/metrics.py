@@ -371,6 +371,23 @@ class _Collector(Collector):
                 t.quota_saturation,
             )
             yield from _cost_metrics(p.models, budget_exhausted=p.budget_exhausted)
+            if p.reuse is not None:
+                yield _counter(
+                    "worker_store_hits",
+                    "Jobs answered from the result store (no model call).",
+                    p.reuse.hits,
+                )
+                yield _counter(
+                    "worker_duplicates_suppressed",
+                    "Deliveries of a job already done or under way elsewhere, answered with "
+                    "its record instead of a model call.",
+                    p.reuse.duplicates_suppressed,
+                )
+                yield _counter(
+                    "worker_store_errors",
+                    "Result store operations that failed (each treated as a miss).",
+                    p.reuse.errors,
+                )
         requests = CounterMetricFamily(
             "worker_model_requests",
             "Model requests by answer: HTTP status, timeout or connection_error.",

@@ -64,6 +64,8 @@ class ModelCall:
     tier: Tier = "standard"
     #: Body fields beyond model and messages: generation settings, response_format.
     extra: Mapping[str, Any] | None = None
+    #: A second try at a structured answer: (the answer given, what was wrong with it).
+    repair: tuple[str, str] | None = None
 
 
 def tier_headers(tier: Tier, provisioned: ProvisionedMode, flex_timeout_s: float) -> dict[str, str]:
@@ -130,7 +132,6 @@ class ModelClient:
         # Built once per tier: every request shares them (the SDK copies what it merges).
         # Typed loosely on purpose: the SDK's RequestOptions type lives in a private module.
         self._options = {tier: self._tier_options(tier) for tier in TIERS}
-        self._max_tokens = settings.max_tokens or None
 
     def _tier_options(self, tier: Tier) -> dict[str, Any]:
         s = self.settings
@@ -157,9 +158,13 @@ class ModelClient:
         at once."""
         s = self.settings
         messages = build_messages(call.prompt or s.prompt, call.image_url, form=s.image_url_form)
+        if call.repair is not None:
+            previous, complaint = call.repair
+            messages += [
+                {"role": "assistant", "content": previous},
+                {"role": "user", "content": complaint},
+            ]
         body: dict[str, Any] = {"model": s.model, "messages": messages}
-        if self._max_tokens is not None:
-            body["max_tokens"] = self._max_tokens
         if call.extra:
             body.update(call.extra)
         # The token this request will carry (the SDK asks the same cached provider).

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio
@@ -22,10 +22,13 @@ from .errors import DrainRequested, ErrorType, JobError, RecordRejected, Service
 from .images import ImagePolicy
 from .jobs import Job, error_record, fallback_id, parse_job, result_record
 from .limits import Limiter
+from .logs import redact
 from .model import ModelCall
 from .protocols import Answer, Delivery, PipelineObserver, Record, Source
 from .retry import Kind, RetryPolicy, RetryState, retry_call
-from .settings import Tier
+from .reuse import Reuse, StoredAnswer, content_key
+from .schemas import Schemas, repair_prompt
+from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Tier
 from .sinks.batch import BatchWriter
 
 __all__ = ["Pipeline", "RunStats"]
@@ -115,12 +118,24 @@ class Pipeline:
         observer: PipelineObserver | None = None,
         max_jobs: int | None = None,
         default_tier: Tier = "standard",
+        generation: Mapping[str, Any] | None = None,
+        schemas: Schemas | None = None,
+        reuse: Reuse | None = None,
+        prompt: str = DEFAULT_PROMPT,
+        model_name: str = DEFAULT_MODEL,
     ) -> None:
         self.source = source
         self.results = results
         self.dead_letter = dead_letter
         self.models = models
         self.default_tier: Tier = default_tier
+        #: The worker's generation settings (a job's own win), as sent in the body.
+        self.generation: dict[str, Any] = dict(generation or {})
+        self.schemas = schemas
+        #: Answers and records shared through the result store; None: no store.
+        self.reuse = reuse
+        self.prompt = prompt
+        self.model_name = model_name
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
@@ -309,43 +324,164 @@ class Pipeline:
             return self._dead(job_id, None, exc.type, exc.message, 0, delivery)
         if job.id in self.done_ids:
             return _Outcome("skip")
+        problem = self._unservable(job)
+        if problem is not None:
+            return self._dead(job.id, job.image_uri, "invalid_job", problem, 0, delivery)
+        reuse = self.reuse
+        if reuse is None:
+            return await self._describe(job, delivery, started)
+        # Exactly once per job id: a job whose record exists, or whose first delivery is
+        # being worked on (here or by another replica), does not call the model again.
+        record = await reuse.record(job.id)
+        claim: str | None = None
+        if record is None:
+            claim = await reuse.claim(f"job:{job.id}")
+            if claim is None:
+                record, claim = await reuse.wait_for(f"job:{job.id}", lambda: reuse.record(job.id))
+        if record is not None:
+            reuse.duplicates_suppressed += 1
+            return _Outcome("ok", {**record, "image_uri": redact(job.image_uri)})
+        try:
+            outcome = await self._describe(job, delivery, started)
+            if outcome.kind == "ok" and outcome.record is not None:
+                await reuse.remember_record(job.id, outcome.record)
+            return outcome
+        finally:
+            await reuse.release(f"job:{job.id}", claim)
+
+    def _unservable(self, job: Job) -> str | None:
+        """Why no request could be made for ``job`` (an unknown schema, a tier no
+        endpoint serves), or None."""
+        if job.schema is not None and (self.schemas is None or not self.schemas.knows(job.schema)):
+            return f"unknown schema {job.schema!r} (configure it under [schemas])"
+        tier = job.tier or self.default_tier
+        if not self.models.serves(tier):
+            return f"no endpoint serves tier {tier!r}" + (
+                " (Flex PayGo needs the global endpoint)" if tier == "flex" else ""
+            )
+        return None
+
+    async def _describe(self, job: Job, delivery: Delivery, started: float) -> _Outcome:
+        """Image -> (reused answer, or model call and schema check) -> record."""
         try:
             url, held = await self.images.resolve_held(job.image_uri)
         except JobError as exc:
             return self._dead(job.id, job.image_uri, exc.type, exc.message, 0, delivery)
+        schema = self.schemas.get(job.schema) if self.schemas is not None else None
+        settings = {**self.generation, **(job.generation or {})}
         tier = job.tier or self.default_tier
-        if not self.models.serves(tier):
-            message = f"no endpoint serves tier {tier!r}" + (
-                " (Flex PayGo needs the global endpoint)" if tier == "flex" else ""
-            )
-            return self._dead(job.id, job.image_uri, "invalid_job", message, 0, delivery)
-        call = ModelCall(url, job.prompt, tier, job.generation)
-        state = RetryState(started_at=started)
+        reuse = self.reuse
+        key: str | None = None
+        claim: str | None = None
         try:
-            answer = await retry_call(
-                lambda: self._call_model(call, state),
-                self.retry,
-                state=state,
-                on_retry=self._note_retry,
-            )
-        except DrainRequested:
-            return _Outcome("drained")
-        except ServiceError as exc:
-            return self._failed(job, exc, state, delivery)
-        finally:
-            # The inlined image is not needed once the model has answered (or given up).
-            self.images.release(held)
-            self._end_backoff(state)
-        return _Outcome(
-            "ok",
-            result_record(
+            if reuse is not None:
+                key = content_key(
+                    await self._identity(reuse, job.image_uri, url),
+                    job.prompt or self.prompt,
+                    self.model_name,
+                    {**settings, "schema": schema.digest if schema is not None else None},
+                )
+                stored = await reuse.answer(key)
+                if stored is None:
+                    claim = await reuse.claim(f"img:{key}")
+                    if claim is None:
+                        stored, claim = await reuse.wait_for(
+                            f"img:{key}", lambda: reuse.answer(key)
+                        )
+                if stored is not None:
+                    reuse.hits += 1
+                    return _Outcome("ok", self._cached_record(job, stored, tier, started, delivery))
+            extra = dict(settings)
+            if schema is not None:
+                extra["response_format"] = schema.response_format
+            call = ModelCall(url, job.prompt, tier, extra or None)
+            state = RetryState(started_at=started)
+            try:
+                answer = await self._ask(call, state)
+                output: Any = None
+                cost = answer.cost_usd
+                if schema is not None:
+                    output, mismatch = schema.check(answer.text)
+                    if mismatch is not None:
+                        # Once more, telling the model what was wrong; then it is dead.
+                        retry_call_ = replace(call, repair=(answer.text, repair_prompt(mismatch)))
+                        answer = await self._ask(retry_call_, state)
+                        cost = _add_costs(cost, answer.cost_usd)
+                        output, mismatch = schema.check(answer.text)
+                        if mismatch is not None:
+                            return self._dead(
+                                job.id,
+                                job.image_uri,
+                                "schema_mismatch",
+                                f"the answer does not match schema {schema.name!r}: {mismatch}",
+                                state.attempts,
+                                delivery,
+                            )
+            except DrainRequested:
+                return _Outcome("drained")
+            except ServiceError as exc:
+                return self._failed(job, exc, state, delivery)
+            finally:
+                self._end_backoff(state)
+            answer.cost_usd = cost
+            if reuse is not None and key is not None:
+                await reuse.remember_answer(
+                    key, StoredAnswer(answer.text, output, answer.model, answer.usage)
+                )
+            record = result_record(
                 job,
                 answer,
                 attempts=state.attempts,
                 started_at=started,
                 source=delivery.source_info,
-            ),
+            )
+            if schema is not None:
+                record["output"] = output
+            return _Outcome("ok", record)
+        finally:
+            # The inlined image is not needed once the model has answered (or given up).
+            self.images.release(held)
+            if reuse is not None and key is not None:
+                await reuse.release(f"img:{key}", claim)
+
+    async def _ask(self, call: ModelCall, state: RetryState) -> Answer:
+        return await retry_call(
+            lambda: self._call_model(call, state),
+            self.retry,
+            state=state,
+            on_retry=self._note_retry,
         )
+
+    async def _identity(self, reuse: Reuse, uri: str, url: str) -> str:
+        try:
+            return await reuse.identity(uri, url)
+        except (JobError, ServiceError) as exc:
+            # The worker may not read what Vertex AI can (its own service agent reads
+            # gs://): then the image is known by its URI.
+            log.info("image_identity_by_uri", extra={"error": str(exc)[:200]})
+            return uri
+
+    def _cached_record(
+        self, job: Job, stored: StoredAnswer, tier: Tier, started: float, delivery: Delivery
+    ) -> Record:
+        priced = self.models.prices is not None and self.models.prices.knows(self.model_name)
+        answer = Answer(
+            stored.text,
+            stored.model,
+            stored.usage,
+            None,
+            endpoint="",
+            tier=tier,
+            cost_usd=0.0 if priced else None,
+        )
+        record = result_record(
+            job, answer, attempts=0, started_at=started, source=delivery.source_info
+        )
+        record["endpoint"] = None  # no endpoint answered: the store did
+        if stored.output is not None:
+            record["output"] = stored.output
+        record["cached"] = True
+        return record
 
     def _end_backoff(self, state: RetryState) -> None:
         if id(state) in self._backing_off:
@@ -357,16 +493,15 @@ class Pipeline:
         # Waiting for a slot counts against the job's deadline: when every endpoint is
         # out, the job waits, but not forever.
         deadline = self.retry.deadline_s
-        timeout_s = None if deadline is None else deadline - (time.monotonic() - state.started_at)
+        timeout_s = (
+            None if deadline is None else max(0.0, deadline - (time.monotonic() - state.started_at))
+        )
         with anyio.CancelScope() as waiting:
             if self._draining:
                 waiting.cancel()
             self._waiting_for_slot.add(waiting)
             try:
-                slot = await self.models.acquire(
-                    call.tier,
-                    timeout_s=max(0.0, timeout_s or 0.0) if timeout_s is not None else None,
-                )
+                slot = await self.models.acquire(call.tier, timeout_s=timeout_s)
             finally:
                 self._waiting_for_slot.discard(waiting)
         if waiting.cancelled_caught:
@@ -530,3 +665,7 @@ class Pipeline:
                 "ack_failed",
                 extra={"error_type": type(exc).__name__, **_delivery_fields(delivery)},
             )
+
+
+def _add_costs(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b

@@ -161,6 +161,26 @@ class ModelSettings:
     # Flex PayGo answers slowly: its requests get this timeout (Vertex AI's default is
     # 20 minutes, its maximum 30).
     flex_timeout_s: float = 1200.0
+    # Generation settings sent with every request ("none": not sent); a job's own win.
+    temperature: float | Literal["none"] = "none"
+    top_p: float | Literal["none"] = "none"
+    seed: int | Literal["none"] = "none"
+    stop: str = ""
+    # A JSON Schema file: answers are JSON objects that match it (see [schemas]).
+    response_schema: str = ""
+
+    def generation(self) -> dict[str, Any]:
+        """The generation settings sent in the body (those set)."""
+        out: dict[str, Any] = {}
+        if self.max_tokens:
+            out["max_tokens"] = self.max_tokens
+        for name in ("temperature", "top_p", "seed"):
+            value = getattr(self, name)
+            if value != "none":
+                out[name] = value
+        if self.stop:
+            out["stop"] = self.stop
+        return out
 
     def validate(self) -> None:
         _require(bool(self.model.strip()), "model.model", "must not be empty")
@@ -168,6 +188,10 @@ class ModelSettings:
         _require(self.max_tokens >= 0, "model.max_tokens", "must be >= 0 (0 = not sent)")
         _require(0 < self.timeout_s <= 3600, "model.timeout_s", "must be > 0 and <= 3600")
         _require(bool(self.api_key_env), "model.api_key_env", "must name an environment variable")
+        if self.temperature != "none":
+            _require(0 <= self.temperature <= 2, "model.temperature", "must be 0..2 or none")
+        if self.top_p != "none":
+            _require(0 < self.top_p <= 1, "model.top_p", "must be > 0 and <= 1, or none")
         _require(
             0 < self.flex_timeout_s <= 1800,
             "model.flex_timeout_s",
@@ -669,10 +693,13 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     #: ``[prices."MODEL"]`` tables; defaults: default_prices().
     prices: dict[str, PriceSettings] = field(default_factory=default_prices)
+    #: ``[schemas]``: output schemas by name (``name = "path/to/schema.json"``), chosen per
+    #: job with its ``schema`` field.
+    schemas: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):
-            if f.name != "prices":
+            if f.name not in ("prices", "schemas"):
                 getattr(self, f.name).validate()
         for model, price in self.prices.items():
             price.validate(f"prices.{model}")
@@ -801,6 +828,14 @@ def _apply_mapping(
             # Model names hold dots and slashes: [prices."google/gemini-2.0-flash-001"].
             for model, table in body.items():
                 settings.prices[model] = _build(PriceSettings, table, f"prices.{model}")
+            continue
+        if not prefix and name == "schemas" and isinstance(body, Mapping):
+            for schema_name, path in body.items():
+                if not isinstance(path, str) or not path:
+                    raise ConfigError(
+                        f"schemas.{schema_name}", "must be the path of a JSON Schema file"
+                    )
+                settings.schemas[schema_name] = path
             continue
         if not prefix and not isinstance(body, Mapping):
             raise ConfigError(name, f"{origin}: expected a [{name}] table")
