@@ -21,6 +21,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -51,6 +52,7 @@ from .settings import ResolvedEndpoint, Settings, resolve_endpoints
 from .sinks import BatchWriter, StdoutSink, dead_letter_spec, open_sinks
 from .sources import FileSource, MemorySource, StdinSource, open_source
 from .store import open_store
+from .tracing import Tracing
 
 if TYPE_CHECKING:
     from .simulator import Simulator
@@ -209,7 +211,9 @@ def make_ceiling(endpoint: ResolvedEndpoint) -> RateCeiling | None:
     return RateCeiling(rpm=endpoint.rpm, tpm=endpoint.tpm)
 
 
-def make_endpoints(rt: Runtime, observer: Telemetry | None) -> EndpointPool:
+def make_endpoints(
+    rt: Runtime, observer: Telemetry | None, tracing: Tracing | None = None
+) -> EndpointPool:
     """This run's endpoints, each with its own limiter, ceiling, quota and circuit."""
     settings = rt.settings
     endpoints = [
@@ -230,6 +234,7 @@ def make_endpoints(rt: Runtime, observer: Telemetry | None) -> EndpointPool:
         prices=Prices(settings.prices, provisioned=settings.model.provisioned),
         model=settings.model.model,
         budget=Budget(w.budget_usd) if w.budget_usd > 0 else None,
+        tracing=tracing,
     )
 
 
@@ -257,10 +262,12 @@ async def run_pipeline(
     on_start: Callable[[Pipeline], None] | None = None,
     telemetry: Telemetry | None = None,
     max_jobs: int | None = None,
+    tracing: Tracing | None = None,
 ) -> RunStats:
     """Run ``source`` through the pipeline. ``on_start`` is handed the pipeline before the
     first job (the load test reads its limiter and counters, and stops it); ``telemetry``
-    is what the side server reports on; ``max_jobs`` stops reading after that many.
+    is what the side server reports on; ``max_jobs`` stops reading after that many;
+    ``tracing`` replaces what the OTEL_* variables would set up (tests).
 
     The source and the sinks are prepared first, outside any task group, so what the
     operator must fix (a missing file, a subscription that does not exist, a directory
@@ -319,7 +326,13 @@ async def run_pipeline(
         if done_ids:
             log.info("resuming", extra={"already_done": len(done_ids)})
     file_root = settings.worker.allow_file_root or ("." if source.trusted else None)
-    models = make_endpoints(rt, telemetry)
+    if tracing is None:
+        tracing = Tracing.from_environment(
+            project=settings.model.project or os.environ.get("GOOGLE_CLOUD_PROJECT", "")
+        )
+    if tracing is not None:
+        tracing.install_log_fields()
+    models = make_endpoints(rt, telemetry, tracing)
     pipeline = Pipeline(
         source=source,
         results=results,
@@ -345,6 +358,7 @@ async def run_pipeline(
         reuse=reuse,
         prompt=settings.model.prompt,
         model_name=settings.model.model,
+        tracing=tracing,
     )
     if models.budget is not None:
         models.budget.on_exhausted = pipeline.budget_reached
@@ -382,6 +396,8 @@ async def run_pipeline(
                 await dead_letter.aclose()
             if store is not None:
                 await store.aclose()
+            if tracing is not None:
+                await anyio.to_thread.run_sync(tracing.shutdown)  # flush buffered spans
         if cleanup.cancelled_caught:
             log.error("cleanup_timed_out", extra={"timeout_s": CLEANUP_TIMEOUT_S})
     if telemetry.drain_started_at is not None:

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -38,6 +39,7 @@ from .limits import OUTCOMES, AdaptiveLimiter, HeaderQuota, Limiter, Outcome, Ra
 from .model import ModelCall, ModelClient
 from .protocols import Answer, PipelineObserver
 from .settings import TIERS, Tier
+from .tracing import Tracing
 
 __all__ = ["Endpoint", "EndpointPool", "Slot"]
 
@@ -109,10 +111,20 @@ class Slot:
         went, then gives the slot back (a 429 keeps it a little longer: see
         :mod:`worker.limits`)."""
         ep, pool = self.endpoint, self._pool
+        if pool.tracing is None:
+            return await self._attempt(call, None)
+        with pool.tracing.span("model.attempt", endpoint=ep.name, tier=self.tier) as span:
+            return await self._attempt(call, span)
+
+    async def _attempt(self, call: ModelCall, span: Any) -> Answer:
+        ep, pool = self.endpoint, self._pool
         t0 = time.monotonic()
         try:
             answer = await ep.client.describe(call)
         except ModelError as exc:
+            if span is not None:
+                span.set_attribute("http.response.status_code", exc.status)
+                span.set_attribute("error.type", exc.label)
             latency_s = time.monotonic() - t0
             outcome: Outcome = "timeout" if exc.code == "timeout" else exc.kind
             ep.limiter.observe(outcome, latency_s, exc.retry_after_s)
@@ -137,6 +149,8 @@ class Slot:
             ep.limiter.release()
             raise
         latency_s = time.monotonic() - t0
+        if span is not None:
+            span.set_attribute("http.response.status_code", 200)
         # The slot goes back first (to a waiting job), then the limiter hears the answer:
         # an adaptive limit grows only while it is in use, and this shows it is.
         ep.limiter.release()
@@ -171,6 +185,7 @@ class EndpointPool:
         model: str = "",
         budget: Budget | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        tracing: Tracing | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("an endpoint pool needs at least one endpoint")
@@ -179,6 +194,8 @@ class EndpointPool:
         self.prices = prices
         self.model = model
         self.budget = budget
+        #: A span per attempt when tracing is on.
+        self.tracing = tracing
         self._clock = clock
         self._queues: dict[Tier, deque[_Waiter]] = {tier: deque() for tier in TIERS}
         self._seq = 0

@@ -12,9 +12,13 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["current_format", "redact", "setup_logging"]
+__all__ = ["current_format", "redact", "setup_logging", "trace_fields"]
+
+#: Set by worker.tracing when traces are on: the current span's Cloud Logging fields.
+trace_fields: Callable[[], dict[str, Any]] | None = None
 
 _SECRET_PATTERNS = [
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1<redacted>"),
@@ -76,6 +80,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         entry.update(_extras(record))
+        if trace_fields is not None:
+            entry.update(trace_fields())
         if record.exc_info and record.exc_info[0] is not None:
             entry["error_type"] = entry.get("error_type") or record.exc_info[0].__name__
             entry["stack_trace"] = self.formatException(record.exc_info)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -30,10 +31,14 @@ from .reuse import Reuse, StoredAnswer, content_key
 from .schemas import Schemas, repair_prompt
 from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Tier
 from .sinks.batch import BatchWriter
+from .tracing import Tracing
 
 __all__ = ["Pipeline", "RunStats"]
 
 log = logging.getLogger("worker.pipeline")
+
+# What a span costs with tracing off: entering and leaving this, once per step.
+_NO_SPAN: AbstractContextManager[Any] = nullcontext()
 
 
 def _delivery_fields(delivery: Delivery) -> dict[str, Any]:
@@ -123,6 +128,7 @@ class Pipeline:
         reuse: Reuse | None = None,
         prompt: str = DEFAULT_PROMPT,
         model_name: str = DEFAULT_MODEL,
+        tracing: Tracing | None = None,
     ) -> None:
         self.source = source
         self.results = results
@@ -136,6 +142,8 @@ class Pipeline:
         self.reuse = reuse
         self.prompt = prompt
         self.model_name = model_name
+        #: OpenTelemetry spans per job when tracing is on (worker/tracing.py); else None.
+        self.tracing = tracing
         self.retry = retry
         self.images = images
         self.admission = Limiter(jobs_in_flight)
@@ -284,22 +292,41 @@ class Pipeline:
                 self.admission.release()
 
         try:
-            try:
-                outcome = await self._process(delivery)
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await self._give_back(delivery)
-                raise
-            except Exception:
-                # A bug must cost one job, not the worker: hand it back or count it lost.
-                log.exception("job_crashed")
-                outcome = _Outcome("retry")
-            with anyio.CancelScope(shield=True):
-                await self._finish(delivery, outcome, leave_admission)
+            with self._job_span(delivery):
+                await self._run_job(delivery, leave_admission)
         finally:
             leave_admission()
             if self._observer is not None:
                 self._observer.finished(time.monotonic() - admitted_at)
+
+    def _job_span(self, delivery: Delivery) -> AbstractContextManager[Any]:
+        if self.tracing is None:
+            return _NO_SPAN
+        info = delivery.source_info or {}
+        return self.tracing.job(
+            delivery.traceparent,
+            {
+                "messaging.message.id": info.get("message_id"),
+                "messaging.delivery_attempt": info.get("delivery_attempt"),
+            },
+        )
+
+    def _span(self, name: str, **attributes: Any) -> AbstractContextManager[Any]:
+        return _NO_SPAN if self.tracing is None else self.tracing.span(name, **attributes)
+
+    async def _run_job(self, delivery: Delivery, leave_admission: Callable[[], None]) -> None:
+        try:
+            outcome = await self._process(delivery)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self._give_back(delivery)
+            raise
+        except Exception:
+            # A bug must cost one job, not the worker: hand it back or count it lost.
+            log.exception("job_crashed")
+            outcome = _Outcome("retry")
+        with anyio.CancelScope(shield=True):
+            await self._finish(delivery, outcome, leave_admission)
 
     async def _give_back(self, delivery: Delivery) -> None:
         try:
@@ -364,7 +391,8 @@ class Pipeline:
     async def _describe(self, job: Job, delivery: Delivery, started: float) -> _Outcome:
         """Image -> (reused answer, or model call and schema check) -> record."""
         try:
-            url, held = await self.images.resolve_held(job.image_uri)
+            with self._span("image.resolve"):
+                url, held = await self.images.resolve_held(job.image_uri)
         except JobError as exc:
             return self._dead(job.id, job.image_uri, exc.type, exc.message, 0, delivery)
         schema = self.schemas.get(job.schema) if self.schemas is not None else None
@@ -598,9 +626,13 @@ class Pipeline:
 
     async def _store(self, delivery: Delivery, record: Record, ok: bool) -> None:
         """Write the record (results or dead letters), then ack; hand back on failure."""
+        if self.tracing is not None:
+            # A published result carries the job's trace on (worker/pubsub/messages.py).
+            record.setdefault("traceparent", self.tracing.traceparent())
         try:
             try:
-                await (self.results if ok else self.dead_letter).put(record)
+                with self._span("sink.write", sink="results" if ok else "dead_letter"):
+                    await (self.results if ok else self.dead_letter).put(record)
             except RecordRejected as exc:
                 if not ok:
                     raise SinkFailed(f"the dead-letter sink refused the record: {exc}") from None

@@ -74,6 +74,9 @@ class Delivery(Protocol):
     source_info: dict[str, Any] | None
     #: True when ``nack`` hands the job back to a queue that will deliver it again.
     redeliverable: bool
+    #: The publisher's W3C trace context (a Pub/Sub message's googclient_traceparent or
+    #: traceparent attribute), or None.
+    traceparent: str | None
 
     async def ack(self) -> None:
         """The job's record is durable; the source may forget the job."""

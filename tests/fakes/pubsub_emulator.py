@@ -21,7 +21,8 @@ Semantics (matching the real service where it matters to a client):
 
 * Publishing fans a message out to every subscription of the topic that exists at publish
   time. Limits: 1..1000 messages, request body <= 10 MB, no empty messages, at most 100
-  attributes (key <= 256 bytes, value <= 1024 bytes, key not starting with ``goog``).
+  attributes (key <= 256 bytes, value <= 1024 bytes, key not starting with ``goog`` except
+  ``googclient_``, which Google's client libraries use, e.g. ``googclient_traceparent``).
 * Pull answers at once (``{}`` when nothing is available) unless ``pull_wait_s`` > 0, in
   which case it waits up to that long for a message. ``maxMessages`` must be > 0; larger
   than 1000 is capped at 1000.
@@ -678,7 +679,7 @@ class PubSubEmulator:
                 raise _ApiError(400, f"Invalid attribute key {key!r}: 1..256 bytes required.")
             if len(value.encode()) > 1024:
                 raise _ApiError(400, f"Attribute {key!r} value exceeds 1024 bytes.")
-            if key.lower().startswith("goog"):
+            if key.lower().startswith("goog") and not key.startswith("googclient_"):
                 raise _ApiError(400, f"Attribute key {key!r} must not start with 'goog'.")
             size += len(key.encode()) + len(value.encode())
         if not data and not attributes:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..protocols import Record
+from ..tracing import traceparent_of
 
 __all__ = [
     "MAX_ATTRIBUTE_BYTES",
@@ -58,8 +59,9 @@ def encode_data(data: bytes) -> str:
 
 def delivery_fields(
     message: dict[str, Any], subscription: str, delivery_attempt: Any
-) -> tuple[bytes, str | None, dict[str, Any]]:
-    """A received message (pull or push) -> (job bytes, default id, source info)."""
+) -> tuple[bytes, str | None, dict[str, Any], str | None]:
+    """A received message (pull or push) -> (job bytes, default id, source info, the
+    publisher's traceparent)."""
     data = b""
     encoded = message.get("data")
     if isinstance(encoded, str) and encoded:
@@ -79,7 +81,12 @@ def delivery_fields(
         "publish_time": message.get("publishTime") or message.get("publish_time"),
         "delivery_attempt": delivery_attempt if isinstance(delivery_attempt, int) else None,
     }
-    return data, message_id, info
+    return (
+        data,
+        message_id,
+        info,
+        traceparent_of(attributes if isinstance(attributes, dict) else None),
+    )
 
 
 def record_message(record: Record) -> dict[str, Any]:
@@ -92,5 +99,10 @@ def record_message(record: Record) -> dict[str, Any]:
         text = str(value)
         if len(text.encode()) <= MAX_ATTRIBUTE_BYTES:
             attributes[key] = text
+    traceparent = record.get("traceparent")
+    if isinstance(traceparent, str) and traceparent:
+        # The job's trace goes on with the result (google-cloud-pubsub reads the first).
+        attributes["googclient_traceparent"] = traceparent
+        attributes["traceparent"] = traceparent
     data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
     return {"data": encode_data(data), "attributes": attributes}

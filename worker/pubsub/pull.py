@@ -47,7 +47,7 @@ MAX_EMPTY_BACKOFF_S = 2.0
 class PubSubDelivery:
     """One pulled message. ``ack``/``nack`` return once Pub/Sub confirmed them."""
 
-    __slots__ = ("_held", "_source", "data", "default_id", "source_info")
+    __slots__ = ("_held", "_source", "data", "default_id", "source_info", "traceparent")
     redeliverable = True
 
     def __init__(
@@ -57,12 +57,14 @@ class PubSubDelivery:
         data: bytes,
         default_id: str | None,
         source_info: dict[str, Any],
+        traceparent: str | None = None,
     ) -> None:
         self._source = source
         self._held = held
         self.data = data
         self.default_id = default_id
         self.source_info: dict[str, Any] | None = source_info
+        self.traceparent = traceparent
 
     async def ack(self) -> None:
         await self._source._settle(self._held, ack=True)
@@ -319,7 +321,7 @@ class PubSubSource(SourceBase):
             message = item.get("message")
             if not isinstance(message, dict):
                 message = {}
-            data, default_id, info = delivery_fields(
+            data, default_id, info, traceparent = delivery_fields(
                 message, self.subscription, item.get("deliveryAttempt")
             )
             size = len(data) + sum(
@@ -334,7 +336,7 @@ class PubSubSource(SourceBase):
             )
             self._held[held.ack_id] = held
             self._held_bytes += size
-            self._ready.append(PubSubDelivery(self, held, data, default_id, info))
+            self._ready.append(PubSubDelivery(self, held, data, default_id, info, traceparent))
             self.received += 1
         if received:
             self._wake_reader.set()

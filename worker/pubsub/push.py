@@ -39,7 +39,7 @@ MAX_PUSH_BODY_BYTES = 10 * 1024 * 1024
 class PushDelivery:
     """One push request waiting for its answer: ``ack`` answers 204, ``nack`` 503."""
 
-    __slots__ = ("_answer", "data", "default_id", "source_info")
+    __slots__ = ("_answer", "data", "default_id", "source_info", "traceparent")
     redeliverable = True
 
     def __init__(
@@ -48,10 +48,12 @@ class PushDelivery:
         default_id: str | None,
         source_info: dict[str, Any],
         answer: asyncio.Future[bool],
+        traceparent: str | None = None,
     ) -> None:
         self.data = data
         self.default_id = default_id
         self.source_info: dict[str, Any] | None = source_info
+        self.traceparent = traceparent
         self._answer = answer
 
     def _resolve(self, acked: bool) -> None:
@@ -192,17 +194,17 @@ class PushSource(SourceBase):
         if len(self._queue) >= self.max_waiting:
             # Pub/Sub slows its push rate on 429 (and retries later).
             return self._refuse(429, "too many pushes waiting")
-        data, default_id, info = parsed
+        data, default_id, info, traceparent = parsed
         self._answered_at = time.monotonic()
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append(PushDelivery(data, default_id, info, answer))
+        self._queue.append(PushDelivery(data, default_id, info, answer, traceparent))
         self._wake.set()
         if await answer:
             return web.Response(status=204)
         return web.json_response({"error": "not processed; redeliver"}, status=503)
 
 
-def _parse_push(raw: bytes) -> tuple[bytes, str | None, dict[str, Any]] | str:
+def _parse_push(raw: bytes) -> tuple[bytes, str | None, dict[str, Any], str | None] | str:
     """The wrapped push body -> delivery fields, or the reason it is not one."""
     try:
         body = json.loads(raw)

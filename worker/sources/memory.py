@@ -19,6 +19,7 @@ class LocalDelivery:
     default_id: str | None = None
     source_info: dict[str, Any] | None = None
     redeliverable: bool = False
+    traceparent: str | None = None
 
     async def ack(self) -> None:
         return None
