@@ -452,8 +452,8 @@ def _loadtest(ns: argparse.Namespace, flags: dict[str, str]) -> int:
         # The in-process simulator needs no credentials and no Vertex AI URL.
         ns.auth = ns.auth or "none"
         ns.base_url = ns.base_url or "http://127.0.0.1:1/v1"
-    elif not (ns.base_url or ns.project or ns.location or ns.config):
-        raise ConfigError("loadtest", "give --target sim or --base-url URL")
+    elif not (ns.base_url or ns.endpoint or ns.locations or ns.project or ns.location or ns.config):
+        raise ConfigError("loadtest", "give --target sim, --base-url URL or --endpoint URL")
     settings = _settings_from(ns, flags)
     # A load test should show warnings, not one log line per job.
     setup_logging("warning" if ns.log_level is None else settings.log.level, settings.log.format)

@@ -127,9 +127,9 @@ class Slot:
                 span.set_attribute("error.type", exc.label)
             latency_s = time.monotonic() - t0
             outcome: Outcome = "timeout" if exc.code == "timeout" else exc.kind
-            ep.limiter.observe(outcome, latency_s, exc.retry_after_s)
             if exc.quota is not None:
                 ep.quota.observe(*exc.quota)
+            ep.limiter.observe(outcome, latency_s, exc.retry_after_s, paced=ep.quota.active)
             if _breaks_circuit(exc):
                 ep.circuit.on_failure()
             else:
@@ -385,6 +385,10 @@ class EndpointPool:
 
     def _demand_counter(self, ep: Endpoint) -> Callable[[], int]:
         def demand() -> int:
+            # Requests held back by time (a pause, the pacing of a quota) are not evidence
+            # that the concurrency limit binds: they do not make it grow.
+            if ep.ready_in_s() > 0:
+                return 0
             return sum(len(q) for tier, q in self._queues.items() if tier in ep.tiers)
 
         return demand
