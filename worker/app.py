@@ -43,6 +43,7 @@ from .logs import current_format
 from .metrics import Telemetry
 from .model import ModelClient
 from .pipeline import Pipeline, RunStats
+from .progress import Progress
 from .protocols import Sink, Source, TokenProvider
 from .pubsub import PubSubClient, PushSource, client_for, make_verifier
 from .retry import RetryPolicy
@@ -263,11 +264,13 @@ async def run_pipeline(
     telemetry: Telemetry | None = None,
     max_jobs: int | None = None,
     tracing: Tracing | None = None,
+    progress: Progress | None = None,
 ) -> RunStats:
     """Run ``source`` through the pipeline. ``on_start`` is handed the pipeline before the
     first job (the load test reads its limiter and counters, and stops it); ``telemetry``
     is what the side server reports on; ``max_jobs`` stops reading after that many;
-    ``tracing`` replaces what the OTEL_* variables would set up (tests).
+    ``tracing`` replaces what the OTEL_* variables would set up (tests); ``progress`` is
+    the live display, if any.
 
     The source and the sinks are prepared first, outside any task group, so what the
     operator must fix (a missing file, a subscription that does not exist, a directory
@@ -370,6 +373,8 @@ async def run_pipeline(
                 root.start_soon(dead.run)
             root.start_soon(rt.tokens.run_refresher)
             root.start_soon(telemetry.watch_loop)
+            if progress is not None:
+                root.start_soon(progress.run, pipeline)
             if reuse is not None:
                 root.start_soon(reuse.run_renewer)
             if handle_signals:
@@ -502,6 +507,11 @@ async def run_worker(settings: Settings, *, telemetry: Telemetry | None = None) 
             resume=isinstance(source, FileSource | StdinSource),
             shutdown_grace_s=w.shutdown_grace_s,
             telemetry=telemetry,
+            # A file's jobs are counted (its lines, on a thread) for done/total and ETA.
+            progress=Progress.for_run(
+                settings.log.progress,
+                count_path=source.path if isinstance(source, FileSource) else None,
+            ),
         )
     summary = stats.summary()
     if current_format() == "text":
@@ -560,6 +570,7 @@ async def serve_push(
             handle_signals=handle_signals,
             shutdown_grace_s=w.shutdown_grace_s,
             telemetry=telemetry,
+            progress=Progress.for_run(settings.log.progress),
         )
     log.info("run_finished", extra=stats.summary())
     return stats

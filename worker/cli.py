@@ -62,6 +62,7 @@ _RUN_FLAGS = {
     "shutdown_grace_s": "worker.shutdown_grace_s",
     "http_port": "http.port",
     "stall_timeout_s": "http.stall_timeout_s",
+    "progress": "log.progress",
 }
 # Image flags, on describe and run.
 _IMAGE_FLAGS = {
@@ -196,6 +197,25 @@ def _add_rate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
     )
 
 
+def _add_progress_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    # Two flags, one setting (log.progress): "on" or "off"; neither leaves it to auto.
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--progress",
+        action="store_const",
+        const="on",
+        help="show the live progress line on stderr even off a terminal or with JSON logs",
+    )
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const="off",
+        help="no progress line, nor progress events in JSON logs (default: auto, the line "
+        "when stderr is a terminal and logs are text)",
+    )
+
+
 def _add_loadtest_parser(sub: Any) -> None:
     # "resolve": the simulator's own --max-concurrency (a server-side limit) would clash
     # with the worker's; it is offered as --sim-max-concurrency instead.
@@ -291,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="/healthz answers 503 after this long without progress (default 300)",
     )
+    _add_progress_flags(ops)
     _add_model_flags(r)
     _add_image_flags(r)
 
@@ -315,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--push-allowed-emails", help="comma-separated service accounts allowed to push"
     )
     auth.add_argument("--push-certs-url", help="signing certificates URL (default Google's)")
+    _add_progress_flags(sv)
     _add_model_flags(sv)
     _add_image_flags(sv)
 
@@ -416,7 +438,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
 
 _SERVE_FLAGS = {
-    **{k: _RUN_FLAGS[k] for k in ("sink", "dead_letter", "concurrency")},
+    **{k: _RUN_FLAGS[k] for k in ("sink", "dead_letter", "concurrency", "progress")},
     **{k: _RUN_FLAGS[k] for k in ("min_concurrency", "max_concurrency")},
     "push_audience": "pubsub.push_audience",
     "push_allowed_emails": "pubsub.push_allowed_emails",

@@ -37,6 +37,7 @@ __all__ = [
     "LogSettings",
     "ModelSettings",
     "PriceSettings",
+    "ProgressMode",
     "ProvisionedMode",
     "PubSubSettings",
     "ResolvedEndpoint",
@@ -67,6 +68,8 @@ ImageBackend = Literal["auto", "vertex", "other"]
 LatencyDist = Literal["fixed", "lognormal"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "text"]
+#: The live progress display of ``run`` and ``serve`` (auto: on a terminal with text logs).
+ProgressMode = Literal["auto", "on", "off"]
 Concurrency = int | Literal["auto"]
 #: Vertex AI consumption options (see worker/model.py for the headers each one sends).
 Tier = Literal["standard", "priority", "flex"]
@@ -556,6 +559,7 @@ class HttpSettings:
 class LogSettings:
     level: LogLevel = "info"
     format: LogFormat = "auto"
+    progress: ProgressMode = "auto"
 
     def validate(self) -> None:
         return None
