@@ -268,7 +268,7 @@ PANELS: tuple[Panel, ...] = (
             _t(f"{_rate('worker_cost_usd_total')} * 3600", "total"),
         ),
         "List-price cost of the answers per hour (answers whose price is known).",
-        "USD/h",
+        "{USD}/h",
     ),
     Panel(
         "Budget per replica: spent and --budget-usd",
@@ -279,7 +279,7 @@ PANELS: tuple[Panel, ...] = (
         ),
         "The budget is per process: a replica stops admitting jobs once its own spend "
         "reaches it (worker_budget_exhausted = 1).",
-        "USD",
+        "{USD}",
     ),
     Panel(
         "Result store: hits and duplicates suppressed (per s)",

@@ -4,7 +4,7 @@ PromQL against the same data, for a screenshot where no Grafana server is at han
 How to:
 
     # Any Prometheus that scrapes one or more workers' /metrics, e.g. a throw-away one:
-    #   prometheus --config.file=prom.yml --storage.tsdb.path=/tmp/tsdb \
+    #   prometheus --config.file=prom.yml --storage.tsdb.path="$(mktemp -d)" \
     #     --web.listen-address=127.0.0.1:9090
     python deploy/monitoring/render_dashboard.py --prometheus http://127.0.0.1:9090 \
         --last 10m --out docs/dashboard.png
