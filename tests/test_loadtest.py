@@ -168,7 +168,7 @@ async def test_cli_loadtest_needs_a_target_and_a_size() -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert b"--target sim or --base-url" in proc.stderr
+    assert b"--target sim, --base-url URL or --endpoint URL" in proc.stderr
     proc = await anyio.run_process(
         [sys.executable, "-m", "worker", "loadtest", "--target", "sim"],
         cwd=REPO,

@@ -27,7 +27,7 @@ from .logs import redact
 from .model import ModelCall
 from .protocols import Answer, Delivery, PipelineObserver, Record, Source
 from .retry import Kind, RetryPolicy, RetryState, retry_call
-from .reuse import Reuse, StoredAnswer, content_key
+from .reuse import Reuse, StoredAnswer, content_key, job_fingerprint
 from .schemas import Schemas, repair_prompt
 from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Tier
 from .sinks.batch import BatchWriter
@@ -359,19 +359,26 @@ class Pipeline:
             return await self._describe(job, delivery, started)
         # Exactly once per job id: a job whose record exists, or whose first delivery is
         # being worked on (here or by another replica), does not call the model again.
-        record = await reuse.record(job.id)
+        fingerprint = job_fingerprint(
+            job.image_uri,
+            job.prompt,
+            {"tier": job.tier, "generation": job.generation, "schema": job.schema},
+        )
+        record = await reuse.record(job.id, fingerprint)
         claim: str | None = None
         if record is None:
             claim = await reuse.claim(f"job:{job.id}")
             if claim is None:
-                record, claim = await reuse.wait_for(f"job:{job.id}", lambda: reuse.record(job.id))
+                record, claim = await reuse.wait_for(
+                    f"job:{job.id}", lambda: reuse.record(job.id, fingerprint)
+                )
         if record is not None:
             reuse.duplicates_suppressed += 1
             return _Outcome("ok", {**record, "image_uri": redact(job.image_uri)})
         try:
             outcome = await self._describe(job, delivery, started)
             if outcome.kind == "ok" and outcome.record is not None:
-                await reuse.remember_record(job.id, outcome.record)
+                await reuse.remember_record(job.id, fingerprint, outcome.record)
             return outcome
         finally:
             await reuse.release(f"job:{job.id}", claim)

@@ -46,7 +46,7 @@ from .errors import StoreUnavailable
 from .protocols import Record, ResultStore
 from .settings import StoreKey
 
-__all__ = ["Reuse", "StoredAnswer", "content_key"]
+__all__ = ["Reuse", "StoredAnswer", "content_key", "job_fingerprint"]
 
 log = logging.getLogger("worker.reuse")
 
@@ -54,8 +54,12 @@ T = TypeVar("T")
 
 # Log a store outage at most this often.
 OUTAGE_LOG_INTERVAL_S = 30.0
-# gs:// identities (a metadata GET each) are remembered this long, this many.
-IDENTITY_TTL_S = 300.0
+# After a failed store call, jobs skip the store this long: a store that hangs (each call
+# runs into its timeout) must not slow every job down by seconds.
+OUTAGE_SKIP_S = 5.0
+# gs:// identities (a metadata GET each) are remembered this long, this many. An object
+# rewritten within this window may still be known by its old identity.
+IDENTITY_TTL_S = 30.0
 IDENTITY_CACHE_SIZE = 50_000
 # Polling for another holder's result: from this, doubling, to that.
 POLL_INITIAL_S = 0.05
@@ -96,6 +100,13 @@ def content_key(identity: str, prompt: str, model: str, settings: Mapping[str, A
     return h.hexdigest()
 
 
+def job_fingerprint(image_uri: str, prompt: str | None, options: Mapping[str, Any]) -> str:
+    """What a job asks for, hashed: a stored record is re-emitted only for the same."""
+    h = hashlib.sha256()
+    h.update(json.dumps([image_uri, prompt, options], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
 def _replica() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -127,6 +138,7 @@ class Reuse:
         self._held: dict[str, str] = {}
         self._identities: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._outage_logged_at = -OUTAGE_LOG_INTERVAL_S
+        self._down_until = -OUTAGE_SKIP_S
         #: Answers reused (no model call), and duplicate deliveries answered from a record.
         self.hits = 0
         self.duplicates_suppressed = 0
@@ -136,11 +148,14 @@ class Reuse:
     # -- store calls that never fail the job -------------------------------------------
 
     async def _safe(self, op: Callable[[], Awaitable[T]], default: T) -> T:
+        if self._clock.now() < self._down_until:
+            return default  # the store failed a moment ago: do not wait on it again yet
         try:
             return await op()
         except StoreUnavailable as exc:
             self.errors += 1
             now = self._clock.now()
+            self._down_until = now + OUTAGE_SKIP_S
             if now - self._outage_logged_at >= OUTAGE_LOG_INTERVAL_S:
                 self._outage_logged_at = now
                 log.warning(
@@ -178,19 +193,26 @@ class Reuse:
 
     # -- records by job id ----------------------------------------------------------------
 
-    async def record(self, job_id: str) -> Record | None:
+    async def record(self, job_id: str, fingerprint: str) -> Record | None:
+        """The record stored for this job, if it was for the same job: an id reused for
+        another image (a second batch numbering its jobs from 1 again) is a new job."""
         raw = await self._safe(lambda: self.store.get(f"rec:{job_id}"), None)
         if raw is None:
             return None
         try:
-            record = json.loads(raw)
+            stored = json.loads(raw)
         except ValueError:
             return None
+        if not isinstance(stored, dict) or stored.get("job") != fingerprint:
+            return None
+        record = stored.get("record")
         return record if isinstance(record, dict) else None
 
-    async def remember_record(self, job_id: str, record: Record) -> None:
+    async def remember_record(self, job_id: str, fingerprint: str, record: Record) -> None:
         kept = {k: v for k, v in record.items() if k != "image_uri"}
-        value = json.dumps(kept, separators=(",", ":"), ensure_ascii=False).encode()
+        value = json.dumps(
+            {"job": fingerprint, "record": kept}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
         await self._safe(lambda: self.store.put(f"rec:{job_id}", value, ttl_s=self.ttl_s), None)
 
     # -- answers by content ---------------------------------------------------------------
