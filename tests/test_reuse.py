@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp import web
 
+from worker.app import run_pipeline, runtime
 from worker.settings import Settings
 from worker.simulator import Simulator
+from worker.sinks import JsonlSink
 
-from .helpers import EXAMPLES, free_port, quick_settings
-from .inprocess import run_jobs
+from .helpers import EXAMPLES, free_port, quick_settings, read_jsonl, wait_until
+from .inprocess import FeedSource, job_bytes, run_jobs
 
 PNG = (EXAMPLES / "red-square.png").read_bytes()
 JPEG = (EXAMPLES / "green-banner.jpg").read_bytes()
@@ -351,3 +354,39 @@ async def test_an_unreadable_gs_object_is_known_by_its_uri(
     assert run.dead == []
     assert calls(sim) == 1
     assert [r["cached"] for r in run.results] == [True]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="worker/reuse.py remembers a gs:// identity for IDENTITY_TTL_S (300 s) per "
+    "process: an object rewritten within that window is answered from the old answer",
+)
+async def test_an_object_rewritten_while_the_worker_runs_is_a_new_image(
+    settings: Settings, sim: Simulator, tmp_path: Path, gcs: str
+) -> None:
+    await upload(gcs, "cat.png", PNG)
+    source = FeedSource()
+    results = tmp_path / "r.jsonl"
+
+    async def worker() -> None:
+        async with runtime(settings) as rt:
+            await run_pipeline(
+                rt,
+                source,
+                JsonlSink(str(results)),
+                JsonlSink(str(tmp_path / "d.jsonl")),
+                resume=False,
+                handle_signals=False,
+            )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker)
+        await source.feed.send(job_bytes({"id": "a", "image_uri": "gs://images/cat.png"}))
+        await wait_until(lambda: len(read_jsonl(results)) == 1, 10, "the first record")
+        await upload(gcs, "cat.png", JPEG)  # another image under the same name
+        await source.feed.send(job_bytes({"id": "b", "image_uri": "gs://images/cat.png"}))
+        await wait_until(lambda: len(read_jsonl(results)) == 2, 10, "the second record")
+        await source.feed.aclose()
+
+    assert [r["cached"] for r in read_jsonl(results)] == [False, False]
+    assert calls(sim) == 2
