@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -198,7 +199,13 @@ def _number(obj: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise JobError("invalid_job", f"{name} must be a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        # JSON integers have no size limit: one too large for a float is beyond any range
+        # (the caller's range check then names the field). parse_job must raise nothing
+        # but JobError, or the job crashes instead of being dead-lettered.
+        return math.inf if value > 0 else -math.inf
 
 
 def _generation(obj: dict[str, Any]) -> dict[str, Any] | None:
