@@ -137,11 +137,12 @@ class Slot:
             ep.limiter.release()
             raise
         latency_s = time.monotonic() - t0
-        # What the answer says about the endpoint goes in before the slot is handed on:
-        # the release grants it to a waiting job at once, and a probe's success must
-        # already have closed the circuit (else the jobs queued behind the probe are not
-        # dispatched until some other release or timer), the quota must already be the
-        # one the answer reported.
+        # What the answer says goes in before the slot is handed on: the release grants
+        # it to a waiting job at once, and by then a probe's success must have closed
+        # the circuit (else the jobs queued behind the probe are not dispatched until
+        # some other release or timer), the quota must be the one the answer reported,
+        # and an answer that spends the budget must have closed the pool (else one more
+        # request goes out after the budget is spent).
         ep.circuit.on_answer()
         if answer.quota is not None:
             ep.quota.observe(*answer.quota)
@@ -149,11 +150,11 @@ class Slot:
             ep.ceiling.settle(
                 self._reserved, answer.usage["total_tokens"] if answer.usage else None
             )
+        pool.account(answer)
         # The slot goes back first (to a waiting job), then the limiter hears the answer:
         # an adaptive limit grows only while it is in use, and this shows it is.
         ep.limiter.release()
         ep.limiter.observe("ok", latency_s)
-        pool.account(answer)
         if pool.observer is not None:
             pool.observer.model_answered(ep.name, None, latency_s)
         return answer
