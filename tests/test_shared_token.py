@@ -83,8 +83,8 @@ async def test_one_refresh_serves_all_endpoints_for_the_whole_run(
     assert len(issued_at) >= 2, "the run must outlive its first token"
     # One refresher for the process, at 75% of each token's life: never one token per
     # endpoint, and no more tokens than the run's length calls for.
-    for before, after in itertools.pairwise(issued_at):
-        assert after - before >= 0.6 * TTL_S
+    for earlier, later in itertools.pairwise(issued_at):
+        assert later - earlier >= 0.6 * TTL_S
     assert len(issued_at) <= 2 + run_s / (0.75 * TTL_S)
     # Between one issue and the next, every region answered with the token of the day.
     for before, after in itertools.pairwise(at_issue):
