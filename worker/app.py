@@ -387,6 +387,7 @@ async def run_pipeline(
             telemetry.mark_running()
             await pipeline.run()
             if pipeline.budget_exhausted and source.redelivers:
+                pipeline.stats.idled_at_budget = True
                 await _idle_until_stopped(source, telemetry)
             root.cancel_scope.cancel()
     finally:
@@ -525,7 +526,7 @@ async def run_worker(settings: Settings, *, telemetry: Telemetry | None = None) 
             file=sys.stderr,
             flush=True,
         )
-        if stats.budget_exhausted:
+        if stats.budget_exhausted and not stats.idled_at_budget:
             print(
                 f"budget reached: ${stats.cost_usd or 0:.4f} spent of "
                 f"${settings.worker.budget_usd:.4f}; run again with a larger --budget-usd "

@@ -434,7 +434,10 @@ def _dispatch(ns: argparse.Namespace) -> int:
     stats = _run(run_worker, settings)
     if stats.failed:
         return 1
-    return 3 if stats.budget_exhausted else 0
+    # 3: a batch (file, stdin) stopped at its budget; rerun with more to go on. A queue
+    # worker that idled at its budget until SIGTERM stopped the ordinary way: its jobs
+    # wait on the queue, and a non-zero exit would only look like a crash.
+    return 3 if stats.budget_exhausted and not stats.idled_at_budget else 0
 
 
 _SERVE_FLAGS = {

@@ -151,10 +151,12 @@ class Slot:
         latency_s = time.monotonic() - t0
         if span is not None:
             span.set_attribute("http.response.status_code", 200)
-        # The slot goes back first (to a waiting job), then the limiter hears the answer:
-        # an adaptive limit grows only while it is in use, and this shows it is.
-        ep.limiter.release()
-        ep.limiter.observe("ok", latency_s)
+        # What the answer says goes in before the slot is handed on: the release grants
+        # it to a waiting job at once, and by then a probe's success must have closed
+        # the circuit (else the jobs queued behind the probe are not dispatched until
+        # some other release or timer), the quota must be the one the answer reported,
+        # and an answer that spends the budget must have closed the pool (else one more
+        # request goes out after the budget is spent).
         ep.circuit.on_answer()
         if answer.quota is not None:
             ep.quota.observe(*answer.quota)
@@ -163,6 +165,10 @@ class Slot:
                 self._reserved, answer.usage["total_tokens"] if answer.usage else None
             )
         pool.account(answer)
+        # The slot goes back first (to a waiting job), then the limiter hears the answer:
+        # an adaptive limit grows only while it is in use, and this shows it is.
+        ep.limiter.release()
+        ep.limiter.observe("ok", latency_s)
         if pool.observer is not None:
             pool.observer.model_answered(ep.name, None, latency_s)
         return answer
@@ -297,19 +303,22 @@ class EndpointPool:
         try:
             with anyio.fail_after(timeout_s):
                 return await waiter.future
-        except TimeoutError:
-            raise ModelError(
-                0,
-                "no_endpoint",
-                f"no endpoint could take the request within {timeout_s:.1f} s",
-                kind="transient",
-            ) from None
-        except BaseException:
+        except BaseException as exc:
+            # Timed out or cancelled: leave the queue. A waiter left behind would later be
+            # granted a slot that nobody uses or releases (the endpoint's capacity shrinks
+            # for good), and would count as demand meanwhile.
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                future.result().abandon()  # granted while being cancelled: give it back
+                future.result().abandon()  # granted as it gave up: give it back
             elif waiter in queue:
                 queue.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise ModelError(
+                    0,
+                    "no_endpoint",
+                    f"no endpoint could take the request within {timeout_s:.1f} s",
+                    kind="transient",
+                ) from None
             raise
 
     def _pick(self, tier: Tier) -> Endpoint | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx2
 import openai
 
@@ -288,7 +289,10 @@ def _wire_cause(exc: BaseException) -> BaseException | None:
     while current is not None and seen < 8:
         if isinstance(current, TimeoutError):
             return current  # a timeout anywhere in the chain is the story
-        if isinstance(current, OSError):
+        # aiohttp's own connection errors count too: a peer that closes the connection
+        # without answering (ServerDisconnectedError, not an OSError) is a broken
+        # connection, not a timeout, though the SDK's bridge reports it as one.
+        if isinstance(current, OSError | aiohttp.ClientConnectionError):
             found = current
         current = current.__cause__ or current.__context__
         seen += 1

@@ -70,6 +70,9 @@ class RunStats:
     cost_usd: float | None = None
     #: The run stopped because --budget-usd was spent.
     budget_exhausted: bool = False
+    #: ... and its source was a queue: the worker handed its jobs back and idled until
+    #: stopped (a SIGTERM), so there is nothing to rerun.
+    idled_at_budget: bool = False
 
     @property
     def seconds(self) -> float:
