@@ -139,12 +139,13 @@ def test_a_lower_remaining_wins_over_our_count_and_a_higher_one_does_not() -> No
     quota = HeaderQuota(clock=clock)
     quota.observe(60, 10, 50.0)  # 1/s, 10 left
     assert quota.bucket is not None
-    # The backend counted requests of other clients too: it says 2, we thought 10.
+    # The backend counted requests of other clients too: it says 2, we thought 10. It
+    # counts whole tokens, rounded down: up to 2.99 may be left, and no more.
     quota.observe(60, 2, 58.0)
-    assert quota.bucket.tokens == pytest.approx(2.0)
-    # An answer that was in flight a while reports 9 left: stale, our 2 stand.
+    assert quota.bucket.tokens == pytest.approx(2.99)
+    # An answer that was in flight a while reports 9 left: stale, our count stands.
     quota.observe(60, 9, 51.0)
-    assert quota.bucket.tokens == pytest.approx(2.0)
+    assert quota.bucket.tokens == pytest.approx(2.99)
     assert quota.updates == 3
 
 
