@@ -358,7 +358,7 @@ async def test_an_unreadable_gs_object_is_known_by_its_uri(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="worker/reuse.py remembers a gs:// identity for IDENTITY_TTL_S (300 s) per "
+    reason="worker/reuse.py remembers a gs:// identity for IDENTITY_TTL_S (30 s) per "
     "process: an object rewritten within that window is answered from the old answer",
 )
 async def test_an_object_rewritten_while_the_worker_runs_is_a_new_image(
@@ -390,3 +390,38 @@ async def test_an_object_rewritten_while_the_worker_runs_is_a_new_image(
 
     assert [r["cached"] for r in read_jsonl(results)] == [False, False]
     assert calls(sim) == 2
+
+
+# -- claims: the holder that finishes between a look and a claim -------------------------------
+
+
+async def test_a_result_stored_between_the_look_and_the_claim_is_used(tmp_path: Path) -> None:
+    """Another worker holds the claim; it stores its answer and lets go just after our
+    first look found nothing. Our claim then succeeds, but the answer is there: it is
+    returned and the claim let go, with no second model call."""
+    from worker.reuse import Reuse
+    from worker.store import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "store.sqlite"))
+    await store.prepare()
+    reuse = Reuse(store)
+    try:
+        assert await store.claim("img:k", "other-replica:0", lease_s=60)
+        looks = 0
+
+        async def fetch() -> bytes | None:
+            nonlocal looks
+            looks += 1
+            found = await store.get("ans:k")
+            if looks == 1:
+                # The holder finishes right after this look.
+                await store.put("ans:k", b"the answer", ttl_s=None)
+                await store.release("img:k", "other-replica:0")
+            return found
+
+        assert await reuse.find_or_claim("img:k", fetch) == (b"the answer", None)
+        assert looks == 2
+        # Our claim was let go: a third party can take it at once.
+        assert await store.claim("img:k", "third:0", lease_s=60)
+    finally:
+        await store.aclose()

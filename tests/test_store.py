@@ -23,6 +23,7 @@ from worker.errors import ConfigError, StoreUnavailable
 from worker.protocols import ResultStore
 from worker.store import RedisStore, SqliteStore, open_store
 from worker.store import sqlite as sqlite_module
+from worker.store.redis import MAX_CONNECTIONS
 
 from .fakes.redis_server import RedisServer, free_port
 
@@ -371,6 +372,32 @@ async def test_redis_keys_are_namespaced(server: RedisServer) -> None:
         assert await raw.ttl("idw:v:k") == -1
         assert 0 < await raw.pttl("idw:v:t") <= 30_000
         assert 0 < await raw.pttl("idw:c:k") <= 30_000
+    finally:
+        await raw.aclose()
+        await store.aclose()
+
+
+async def test_redis_many_calls_at_once_queue_for_a_bounded_pool(server: RedisServer) -> None:
+    """Hundreds of jobs asking at once (a worker at high concurrency) all get answers over
+    a bounded number of connections; none is refused for want of a connection (which the
+    worker would take as an outage and stop reusing answers)."""
+    store = RedisStore(server.url)
+    await store.prepare()
+    raw = redis.asyncio.Redis.from_url(server.url)
+    answers: list[bytes | None] = []
+
+    async def one(i: int) -> None:
+        assert await store.claim(f"job{i}", "A", lease_s=30)
+        await store.put(f"k{i}", b"v", ttl_s=None)
+        answers.append(await store.get(f"k{i}"))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(500):
+                tg.start_soon(one, i)
+        assert answers == [b"v"] * 500
+        clients = (await raw.execute_command("CLIENT", "LIST")).splitlines()
+        assert len(clients) <= MAX_CONNECTIONS + 1  # this test's own connection too
     finally:
         await raw.aclose()
         await store.aclose()

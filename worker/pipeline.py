@@ -367,17 +367,15 @@ class Pipeline:
             job.prompt,
             {"tier": job.tier, "generation": job.generation, "schema": job.schema},
         )
-        record = await reuse.record(job.id, fingerprint)
-        claim: str | None = None
-        if record is None:
-            claim = await reuse.claim(f"job:{job.id}")
-            if claim is None:
-                record, claim = await reuse.wait_for(
-                    f"job:{job.id}", lambda: reuse.record(job.id, fingerprint)
-                )
+        record, claim = await reuse.find_or_claim(
+            f"job:{job.id}", lambda: reuse.record(job.id, fingerprint)
+        )
         if record is not None:
             reuse.duplicates_suppressed += 1
-            return _Outcome("ok", {**record, "image_uri": redact(job.image_uri)})
+            # The very same record, field order included (image_uri second, as written
+            # the first time), so a consumer that compares or hashes records sees one.
+            again = {"id": record.get("id", job.id), "image_uri": redact(job.image_uri)}
+            return _Outcome("ok", {**again, **record})
         try:
             outcome = await self._describe(job, delivery, started)
             if outcome.kind == "ok" and outcome.record is not None:
@@ -419,13 +417,10 @@ class Pipeline:
                     self.model_name,
                     {**settings, "schema": schema.digest if schema is not None else None},
                 )
-                stored = await reuse.answer(key)
-                if stored is None:
-                    claim = await reuse.claim(f"img:{key}")
-                    if claim is None:
-                        stored, claim = await reuse.wait_for(
-                            f"img:{key}", lambda: reuse.answer(key)
-                        )
+                image_key = key
+                stored, claim = await reuse.find_or_claim(
+                    f"img:{key}", lambda: reuse.answer(image_key)
+                )
                 if stored is not None:
                     reuse.hits += 1
                     return _Outcome("ok", self._cached_record(job, stored, tier, started, delivery))

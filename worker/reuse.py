@@ -244,13 +244,18 @@ class Reuse:
         with anyio.CancelScope(shield=True):
             await self._safe(lambda: self.store.release(key, holder), None)
 
-    async def wait_for(
+    async def find_or_claim(
         self, key: str, fetch: Callable[[], Awaitable[T | None]]
     ) -> tuple[T | None, str | None]:
-        """Someone holds ``key``: wait (at most ``wait_s``) for ``fetch`` to find their
-        result, or for the claim to come free (a failed or dead holder). Returns (result,
-        None), or (None, our holder) once we hold the claim, or (None, None) when the wait
-        ran out: then the caller goes ahead without a claim."""
+        """The result ``fetch`` finds, or the claim on ``key`` to make it. While someone
+        else holds the claim, wait (at most ``wait_s``) for their result or for the
+        claim to come free (a failed or dead holder). Returns (result, None), or (None,
+        our holder) once we hold the claim, or (None, None) when the wait ran out: then
+        the caller goes ahead without a claim.
+
+        The result is looked for again after the claim is taken: a holder that finished
+        between our first look and our claim has stored its result and let go, and
+        without the second look its work would be done twice."""
         deadline = self._clock.now() + self.wait_s
         pause = POLL_INITIAL_S
         while True:

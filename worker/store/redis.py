@@ -40,6 +40,10 @@ DEFAULT_PREFIX = "idw:"
 # Socket connect and read timeouts: on loopback or in a region an answer takes a
 # millisecond, so a second of silence means the server is gone.
 DEFAULT_TIMEOUT_S = 1.0
+# Connections one worker keeps open at most. A call holds one for a round trip (well
+# under a millisecond on loopback, a few in a region), so a few dozen serve thousands of
+# calls a second; more calls than that wait their turn within their deadline.
+MAX_CONNECTIONS = 32
 
 # Take the key when it is free (SET NX PX); renew it when the caller already holds it.
 # One script, so no other client can slip between the test and the renewal.
@@ -92,8 +96,14 @@ class RedisStore:
         self._deadline_s = 2 * timeout_s
         self._closed = False
         try:
-            self._client = redis.asyncio.Redis.from_url(
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
                 uri,
+                # A pool that queues for a free connection rather than failing: the
+                # default pool raises "Too many connections" past 100, which a worker
+                # at --concurrency 100 (its claims, lookups and renewals together)
+                # reaches, and every such error would count as an outage.
+                max_connections=MAX_CONNECTIONS,
+                timeout=self._deadline_s,
                 socket_connect_timeout=timeout_s,
                 socket_timeout=timeout_s,
                 # One immediate retry, on a broken connection only: the pool may hold a
@@ -103,6 +113,7 @@ class RedisStore:
                 # Older clients (5.x) retry only the errors listed here as well.
                 retry_on_error=[ConnectionError],
             )
+            self._client = redis.asyncio.Redis(connection_pool=pool)
         except (ValueError, TypeError) as exc:
             raise ConfigError(
                 key, f"{self.name}: {self._scrub(str(exc))}; use redis://HOST:PORT/DB"
@@ -175,7 +186,7 @@ class RedisStore:
         self._closed = True
         # Closing only drops sockets; a server that is gone cannot make it fail.
         with anyio.CancelScope(shield=True):
-            await self._client.aclose()
+            await self._client.aclose(close_connection_pool=True)
 
 
 def _secrets_of(uri: str) -> list[str]:
