@@ -396,7 +396,7 @@ async def test_redis_many_calls_at_once_queue_for_a_bounded_pool(server: RedisSe
             for i in range(500):
                 tg.start_soon(one, i)
         assert answers == [b"v"] * 500
-        clients = (await raw.execute_command("CLIENT", "LIST")).splitlines()
+        clients = await raw.client_list()
         assert len(clients) <= MAX_CONNECTIONS + 1  # this test's own connection too
     finally:
         await raw.aclose()
