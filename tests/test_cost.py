@@ -144,6 +144,15 @@ async def test_records_and_metrics_carry_the_cost(sim: Simulator, tmp_path: Path
         (("model", DEFAULT_MODEL), ("tier", "standard")): pytest.approx(spent["standard"]),
     }
     assert stats.cost_usd == pytest.approx(spent["flex"] + spent["standard"])
+    # What the bill is made of: every answer's tokens, by tier and kind (priority too,
+    # whose price is unknown).
+    tokens = metric_samples(t, "worker_model_tokens_total")
+    for tier in set(tiers):
+        for kind in ("prompt", "completion"):
+            labels = (("kind", kind), ("model", DEFAULT_MODEL), ("tier", tier))
+            assert tokens[labels] == sum(
+                r["usage"][f"{kind}_tokens"] for r in results if r["tier"] == tier
+            )
     assert stats.summary()["cost_usd"] == pytest.approx(stats.cost_usd, abs=1e-6)
     # No budget set: no budget gauges.
     assert metric_samples(t, "worker_budget_usd") == {}
@@ -163,3 +172,7 @@ async def test_an_unpriced_model_has_no_cost(sim: Simulator, tmp_path: Path) -> 
     assert stats.cost_usd is None
     assert stats.summary()["cost_usd"] is None
     assert metric_samples(t, "worker_cost_usd_total") == {}
+    # Its tokens are counted all the same.
+    tokens = metric_samples(t, "worker_model_tokens_total")
+    labels = (("kind", "prompt"), ("model", "someone/elses-model"), ("tier", "standard"))
+    assert tokens[labels] == record["usage"]["prompt_tokens"]

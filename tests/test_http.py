@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -74,6 +75,13 @@ async def test_metrics_parse_and_agree_with_the_sink_and_dead_letter_files(
     assert m[("worker_jobs_received_total", ())] == 58
     assert m[("worker_jobs_succeeded_total", ())] == len(results)
     assert m[("worker_jobs_dead_lettered_total", ())] == len(dead_letters)
+    by_type = {
+        dict(labels)["error_type"]: v
+        for (name, labels), v in m.items()
+        if name == "worker_dead_letters_total"
+    }
+    assert by_type == {"unsupported_scheme": 7, "invalid_image_uri": 1}  # "not json": a bare URI
+    assert by_type == Counter(r["error"]["type"] for r in dead_letters)
     assert m[("worker_jobs_nacked_total", ())] == 0
     assert m[("worker_jobs_in_flight", ())] == 0
     limits = {

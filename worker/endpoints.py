@@ -212,6 +212,9 @@ class EndpointPool:
         self._closed = False
         #: Spend so far, USD, by (model, tier) (only answers whose cost is known).
         self.spent_usd: dict[tuple[str, str], float] = {}
+        #: Tokens the answers used, by (model, tier, "prompt" | "completion"): what the
+        #: bill is made of, counted whether or not a price is known.
+        self.tokens_used: dict[tuple[str, str, str], int] = {}
         for ep in self.endpoints:
             ep.limiter.listener = self._dispatch
             ep.limiter.demand = self._demand_counter(ep)
@@ -412,10 +415,15 @@ class EndpointPool:
     # -- cost ------------------------------------------------------------------------
 
     def account(self, answer: Answer) -> None:
-        """Price one answer and charge the budget."""
+        """Count one answer's tokens, price it and charge the budget."""
+        tier = answer.tier
+        if answer.usage:
+            for kind in ("prompt", "completion"):
+                key3 = (self.model, tier, kind)
+                used = answer.usage.get(f"{kind}_tokens", 0)
+                self.tokens_used[key3] = self.tokens_used.get(key3, 0) + used
         if self.prices is None:
             return
-        tier = answer.tier
         cost = self.prices.cost_usd(self.model, answer.usage, tier)
         answer.cost_usd = cost
         if cost is None:

@@ -348,6 +348,14 @@ class _Collector(Collector):
                 "Jobs that failed permanently; their error record is in the dead-letter sink.",
                 s.dead_lettered,
             )
+            by_type = CounterMetricFamily(
+                "worker_dead_letters",
+                "Dead-letter records written, by error.type (see the README's error types).",
+                labels=["error_type"],
+            )
+            for error_type, n in sorted(s.dead_lettered_by_type.items()):
+                by_type.add_metric([error_type], n)
+            yield by_type
             yield _counter(
                 "worker_jobs_nacked", "Jobs handed back to the source unfinished.", s.nacked
             )
@@ -531,6 +539,14 @@ def _cost_metrics(models: EndpointPool, *, budget_exhausted: bool) -> Iterator[M
     for (model, tier), usd in sorted(models.spent_usd.items()):
         cost.add_metric([model, tier], usd)
     yield cost
+    tokens = CounterMetricFamily(
+        "worker_model_tokens",
+        "Tokens the model's answers used (their usage), by model, tier and kind.",
+        labels=["model", "tier", "kind"],
+    )
+    for (model, tier, kind), n in sorted(models.tokens_used.items()):
+        tokens.add_metric([model, tier, kind], n)
+    yield tokens
     budget = models.budget
     if budget is not None:
         yield _gauge("worker_budget_usd", "The --budget-usd of this run.", budget.limit_usd)

@@ -59,6 +59,8 @@ class RunStats:
     received: int = 0
     ok: int = 0
     dead_lettered: int = 0
+    #: The same, by the record's error.type.
+    dead_lettered_by_type: dict[str, int] = field(default_factory=dict)
     nacked: int = 0
     skipped: int = 0
     failed: int = 0  # could be put nowhere (sink down, non-redeliverable source)
@@ -669,6 +671,8 @@ class Pipeline:
         else:
             self.stats.dead_lettered += 1
             err = record["error"]
+            by_type = self.stats.dead_lettered_by_type
+            by_type[err["type"]] = by_type.get(err["type"], 0) + 1
             log.warning(
                 "job_dead_lettered",
                 extra={

@@ -204,10 +204,10 @@ PANELS: tuple[Panel, ...] = (
         "1/s",
     ),
     Panel(
-        "Dead letters and model errors by code (per s)",
+        "Dead letters by error type, and model errors by code (per s)",
         "short",
         (
-            _t(_rate("worker_jobs_dead_lettered_total"), "dead-lettered"),
+            _t(_rate("worker_dead_letters_total", "error_type"), "dead letter {{error_type}}"),
             _t(_rate("worker_jobs_failed_total"), "failed (put nowhere)"),
             _t(
                 'sum by (code) (rate(worker_model_requests_total{code!="200",ns}'
@@ -216,8 +216,8 @@ PANELS: tuple[Panel, ...] = (
             ),
             _t(_rate("worker_model_retries_total"), "retries"),
         ),
-        "The worker exports no dead-letter counter by error type: the dead-letter records "
-        "carry the type. This shows dead letters next to model answers by HTTP status.",
+        "Dead letters by error.type (the README's error types: bad input, images refused, "
+        "schema mismatches, sink rejections) next to model answers by HTTP status.",
         "1/s",
     ),
     Panel(
@@ -269,6 +269,14 @@ PANELS: tuple[Panel, ...] = (
         ),
         "List-price cost of the answers per hour (answers whose price is known).",
         "{USD}/h",
+    ),
+    Panel(
+        "Tokens per second by kind and tier",
+        "short",
+        (_t(_rate("worker_model_tokens_total", "kind, tier"), "{{kind}} {{tier}}"),),
+        "Prompt and completion tokens of the model's answers: what the bill is made of, "
+        "counted for models without a price too. Compare with the TPM quota.",
+        "1/s",
     ),
     Panel(
         "Budget per replica: spent and --budget-usd",
@@ -351,9 +359,10 @@ sum by (cluster, namespace) (rate(worker_jobs_dead_lettered_total[15m]))
 and sum by (cluster, namespace) (rate(worker_jobs_dead_lettered_total[15m])) * 60 > 1
 """,
         "More than 5% of finished jobs (and over one a minute) go to the dead-letter sink.",
-        "Runbook: read the error_type of recent dead-letter records (or the job_dead_lettered "
-        "log events): bad input from a producer, images the model refuses, or a schema that "
-        "answers no longer match.",
+        "Runbook: see which error_type grows (worker_dead_letters_total, the dashboard's "
+        "dead-letter panel), then read those records or the job_dead_lettered log events: "
+        "bad input from a producer, images the model refuses, or a schema that answers no "
+        "longer match.",
     ),
     Alert(
         "WorkerRateLimitedShareHigh",
