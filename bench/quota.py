@@ -23,21 +23,18 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from run import PY, _free_port, _get_json, _row, simulator  # noqa: E402
+from run import PY, _get_json, _row, simulator, simulator_process  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -199,40 +196,12 @@ def q3(scale: float) -> tuple[dict[str, Any], list[str]]:
     return {"summary": s, "carried": carried}, lines
 
 
-@contextlib.contextmanager
-def _process_simulator(*flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A simulator whose process the caller may kill."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [PY, "-m", "worker", "simulate", "--port", str(port), *flags],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(root + "/healthz", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.1)
-        yield root, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 def q4(scale: float) -> tuple[dict[str, Any], list[str]]:
     n = int(3000 * scale)
     kill_after = int(1000 * scale)
     with (
-        _process_simulator("--latency-ms", "300", "--rate-limit-rps", "60") as (root_a, proc_a),
-        _process_simulator("--latency-ms", "300", "--rate-limit-rps", "40") as (root_b, _),
+        simulator_process("--latency-ms", "300", "--rate-limit-rps", "60") as (root_a, proc_a),
+        simulator_process("--latency-ms", "300", "--rate-limit-rps", "40") as (root_b, _),
         tempfile.TemporaryDirectory() as tmp,
     ):
         urls = {"a": vertex(root_a, "a"), "b": vertex(root_b, "b")}

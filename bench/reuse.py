@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from run import PY, _free_port, _get_json, simulator  # noqa: E402
+from run import PY, _free_port, _get_json, simulator, stop, wait_serving  # noqa: E402
 
 from tests.fakes.pubsub_emulator import PubSubEmulator  # noqa: E402
 from tests.fakes.redis_server import RedisServer  # noqa: E402
@@ -67,15 +67,7 @@ def storage_emulator(images: int) -> Iterator[str]:
     )
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(root + "/storage/v1/b/images", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gcp-storage-emulator did not start") from None
-                time.sleep(0.1)
+        wait_serving(root + "/storage/v1/b/images", proc, "gcp-storage-emulator")
         for i in range(images):
             req = urllib.request.Request(
                 f"{root}/upload/storage/v1/b/images/o?uploadType=media&name=img-{i}.png",
@@ -87,8 +79,7 @@ def storage_emulator(images: int) -> Iterator[str]:
                 pass
         yield root
     finally:
-        proc.terminate()
-        proc.wait()
+        stop(proc)
 
 
 def job_lines(jobs: int, images: int) -> list[dict[str, str]]:
@@ -170,79 +161,103 @@ def r1(jobs_n: int, images: int) -> None:
 # -- R2: three replicas on one subscription and one Redis, every message twice --------------------
 
 
-async def r2_async(jobs_n: int, images: int, root: str, storage: str) -> None:
-    jobs = job_lines(jobs_n, images)
-    redis = RedisServer()
-    await redis.start()
-    try:
-        async with PubSubEmulator() as emu:
-            for topic in ("jobs", "results", "failed"):
-                emu.create_topic("p", topic)
-            emu.create_subscription(
-                "p", "work", "jobs", dead_letter_topic="dlq", max_delivery_attempts=5
-            )
-            for job in jobs:
-                data = json.dumps(job).encode()
-                emu.publish("p", "jobs", data)
-                emu.publish("p", "jobs", data)  # every message twice
-            emu.reset_stats()
-            _get_json(root + "/stats/reset", post=True)
-            env = worker_env(storage)
-            env["PUBSUB_EMULATOR_HOST"] = emu.host_port
-            cmd = [
-                PY, "-m", "worker", "run",
-                "--source", "pubsub:projects/p/subscriptions/work",
-                "--sink", "pubsub:projects/p/topics/results",
-                "--dead-letter", "pubsub:projects/p/topics/failed",
-                "--base-url", base_url(root), "--auth", "none", "--store", redis.url,
-                "--concurrency", str(CONCURRENCY), "--no-progress",
-                "--log-level", "warning", "--log-format", "text",
-            ]  # fmt: skip
-            messages = 2 * jobs_n
-            procs = [
-                await anyio.open_process(cmd, env=env, cwd=REPO, stdout=None, stderr=None)
-                for _ in range(3)
-            ]
-            try:
-                while emu.stats["deliveries"] == 0:
-                    check_running(procs)
-                    await anyio.sleep(0.01)
-                started = time.monotonic()
-                while emu.acked("p", "work") < messages:
-                    check_running(procs)
-                    await anyio.sleep(0.05)
-                seconds = time.monotonic() - started
-            finally:
-                for p in procs:
-                    if p.returncode is None:
-                        p.send_signal(signal.SIGTERM)
-                codes = [await p.wait() for p in procs]
-            published = emu.messages_on_topic("p", "results")
-            failed = emu.messages_on_topic("p", "failed")
-            s = emu.stats
-    finally:
-        await redis.aclose()
+async def r2_once(
+    jobs: list[dict[str, str]], root: str, storage: str, store: str
+) -> dict[str, Any]:
+    """Every job published twice; three replicas drain the subscription with ``store``."""
+    async with PubSubEmulator() as emu:
+        for topic in ("jobs", "results", "failed"):
+            emu.create_topic("p", topic)
+        emu.create_subscription(
+            "p", "work", "jobs", dead_letter_topic="dlq", max_delivery_attempts=5
+        )
+        for job in jobs:
+            data = json.dumps(job).encode()
+            emu.publish("p", "jobs", data)
+            emu.publish("p", "jobs", data)  # every message twice
+        emu.reset_stats()
+        _get_json(root + "/stats/reset", post=True)
+        env = worker_env(storage)
+        env["PUBSUB_EMULATOR_HOST"] = emu.host_port
+        cmd = [
+            PY, "-m", "worker", "run",
+            "--source", "pubsub:projects/p/subscriptions/work",
+            "--sink", "pubsub:projects/p/topics/results",
+            "--dead-letter", "pubsub:projects/p/topics/failed",
+            "--base-url", base_url(root), "--auth", "none", "--store", store,
+            "--concurrency", str(CONCURRENCY), "--no-progress",
+            "--log-level", "warning", "--log-format", "text",
+        ]  # fmt: skip
+        messages = 2 * len(jobs)
+        procs = [
+            await anyio.open_process(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=None)
+            for _ in range(3)
+        ]
+        try:
+            while emu.stats["deliveries"] == 0:
+                check_running(procs)
+                await anyio.sleep(0.01)
+            started = time.monotonic()
+            while emu.acked("p", "work") < messages:
+                check_running(procs)
+                await anyio.sleep(0.05)
+            seconds = time.monotonic() - started
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.send_signal(signal.SIGTERM)
+            codes = [await p.wait() for p in procs]
+        published = emu.messages_on_topic("p", "results")
+        failed = emu.messages_on_topic("p", "failed")
+        redeliveries = emu.stats["redeliveries"]
     stats = _get_json(root + "/stats")
     by_id: dict[str, set[str]] = defaultdict(set)
     count_by_id: dict[str, int] = defaultdict(int)
     for m in published:
-        rec = json.loads(m["data"])
-        by_id[rec["id"]].add(m["data"] if isinstance(m["data"], str) else m["data"].decode())
+        data = m["data"] if isinstance(m["data"], str) else m["data"].decode()
+        rec = json.loads(data)
+        by_id[rec["id"]].add(data)
         count_by_id[rec["id"]] += 1
-    expected = {j["id"] for j in jobs}
-    lost = len(expected - set(by_id))
     repeated = [i for i, n in count_by_id.items() if n > 1]
     differing = [i for i in repeated if len(by_id[i]) > 1]
-    if differing:
+    if differing and store != "none":
         print(f"    records published for {differing[0]}:")
         print(*sorted(by_id[differing[0]]), sep="\n")
-    print(f"    exits={codes} messages={messages} acked={emu.acked('p', 'work')} "
-          f"seconds={seconds:.1f} messages/s={messages / seconds:.0f}")  # fmt: skip
-    print(f"    model calls={stats['requests']} (distinct images {images}) "
-          f"results published={len(published)} distinct job ids={len(by_id)} lost={lost} "
-          f"dead-lettered={len(failed)}")  # fmt: skip
-    print(f"    ids published more than once={len(repeated)}, of which with differing "
-          f"records={len(differing)}; redeliveries={s['redeliveries']} expired={s['expired']}")  # fmt: skip
+    return {
+        "store": store.split(":")[0],
+        "exits": codes,
+        "model_calls": int(stats["requests"]),
+        "published": len(published),
+        "distinct": len(by_id),
+        "lost": len({j["id"] for j in jobs} - set(by_id)),
+        "dead": len(failed),
+        "repeated": len(repeated),
+        "differing": len(differing),
+        "redeliveries": redeliveries,
+        "seconds": seconds,
+        "jobs_per_s": len(jobs) / seconds,
+    }
+
+
+async def r2_async(jobs_n: int, images: int, root: str, storage: str) -> None:
+    jobs = job_lines(jobs_n, images)
+    rows = [await r2_once(jobs, root, storage, "none")]
+    redis = RedisServer()
+    await redis.start()
+    try:
+        rows.append(await r2_once(jobs, root, storage, redis.url))
+    finally:
+        await redis.aclose()
+    print(f"    {'store':<7}{'model calls':>12}{'published':>10}{'distinct ids':>13}{'lost':>6}"
+          f"{'dead':>6}{'ids twice':>10}{'differing':>10}{'wall s':>8}{'jobs/s':>8}  exits")  # fmt: skip
+    for r in rows:
+        print(f"    {r['store']:<7}{r['model_calls']:>12}{r['published']:>10}{r['distinct']:>13}"
+              f"{r['lost']:>6}{r['dead']:>6}{r['repeated']:>10}{r['differing']:>10}"
+              f"{r['seconds']:>8.1f}{r['jobs_per_s']:>8.0f}  {r['exits']}")  # fmt: skip
+    base, store = rows
+    print(f"    redis store: {store['model_calls'] / base['model_calls']:.2f} of the model calls, "
+          f"{store['jobs_per_s'] / base['jobs_per_s']:.2f}x the jobs/s (jobs = distinct ids; "
+          f"wall time from first delivery to last ack)")  # fmt: skip
 
 
 def check_running(procs: list[anyio.abc.Process]) -> None:
@@ -252,7 +267,8 @@ def check_running(procs: list[anyio.abc.Process]) -> None:
 
 def r2(jobs_n: int, images: int) -> None:
     print(f"R2  {jobs_n} jobs over {images} gs:// images, every message published twice, "
-          f"3 replicas x --concurrency {CONCURRENCY} on one subscription, one Redis store")  # fmt: skip
+          f"3 replicas x --concurrency {CONCURRENCY} on one subscription; no store, then one "
+          "Redis")  # fmt: skip
     with (
         storage_emulator(images) as storage,
         simulator("--latency-ms", str(LATENCY_MS)) as root,

@@ -51,9 +51,34 @@ def _get_json(url: str, *, post: bool = False) -> Any:
         return json.loads(resp.read())
 
 
+def wait_serving(url: str, proc: subprocess.Popen[bytes], what: str, timeout_s: float = 20) -> None:
+    """Return once ``url`` answers; RuntimeError if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; a process already gone is fine."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
 @contextlib.contextmanager
-def simulator(*flags: str) -> Iterator[str]:
-    """``worker simulate`` in its own process; yields the root URL."""
+def simulator_process(*flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``worker simulate`` in its own process (which the caller may kill); yields the
+    root URL and the process."""
     port = _free_port()
     proc = subprocess.Popen(
         [PY, "-m", "worker", "simulate", "--port", str(port), *flags],
@@ -63,23 +88,17 @@ def simulator(*flags: str) -> Iterator[str]:
     )
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(root + "/healthz", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.1)
-        yield root
+        wait_serving(root + "/healthz", proc, "the simulator")
+        yield root, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+@contextlib.contextmanager
+def simulator(*flags: str) -> Iterator[str]:
+    """``worker simulate`` in its own process; yields the root URL."""
+    with simulator_process(*flags) as (root, _):
+        yield root
 
 
 def _sim_counts(root: str) -> tuple[int, int]:

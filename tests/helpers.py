@@ -6,10 +6,11 @@ it has set up the environment that google-auth reads when it is first imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def gcs_emulator_server(bucket: str) -> Iterator[tuple[Any, str]]:
+    """gcp-storage-emulator on 127.0.0.1, in memory, with an empty ``bucket``: the
+    server and its URL (what STORAGE_EMULATOR_HOST names)."""
+    from http.server import HTTPServer
+
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    # The emulator serves one request at a time from its own thread; socketserver's
+    # listen backlog of 5 would drop the SYNs of concurrent uploads (a 1 s retransmit).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HTTPServer, "request_queue_size", 128)
+        server.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()  # takes up to 0.5 s
+
+
+async def gcs_upload(
+    base: str, bucket: str, name: str, data: bytes, content_type: str = "image/png"
+) -> dict[str, Any]:
+    """Write (or overwrite) an object in the emulator at ``base``; its metadata."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{base}/upload/storage/v1/b/{bucket}/o",
+            params={"uploadType": "media", "name": name},
+            data=data,
+            headers={"Content-Type": content_type},
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        meta: dict[str, Any] = await resp.json()
+        return meta
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

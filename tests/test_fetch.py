@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import anyio
 import anyio.to_thread
 import pytest
@@ -29,7 +28,7 @@ from worker.errors import JobError
 from worker.fetch import AddressGuard, ImageFetcher
 from worker.images import ImagePolicy
 
-from .helpers import EXAMPLES, free_port, job_error
+from .helpers import EXAMPLES, gcs_emulator_server, gcs_upload, job_error
 
 PNG = (EXAMPLES / "red-square.png").read_bytes()
 JPEG = (EXAMPLES / "green-banner.jpg").read_bytes()
@@ -515,29 +514,13 @@ def test_allow_private_networks_keeps_metadata_and_odd_ranges_closed(
 
 @pytest.fixture
 def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="images")
-    server.start()  # serves from its own thread
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with gcs_emulator_server("images") as (_, url):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        yield url
 
 
 async def _upload(base: str, name: str, data: bytes, content_type: str) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{base}/upload/storage/v1/b/images/o",
-            params={"uploadType": "media", "name": name},
-            data=data,
-            headers={"Content-Type": content_type},
-        ) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
+    await gcs_upload(base, "images", name, data, content_type)
 
 
 async def test_gs_objects_are_read_through_the_storage_emulator(gcs_emulator: str) -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 import pytest
 from aiohttp import web
@@ -23,7 +22,15 @@ from worker.settings import Settings
 from worker.simulator import Simulator
 from worker.sinks import JsonlSink
 
-from .helpers import EXAMPLES, free_port, quick_settings, read_jsonl, wait_until
+from .helpers import (
+    EXAMPLES,
+    free_port,
+    gcs_emulator_server,
+    gcs_upload,
+    quick_settings,
+    read_jsonl,
+    wait_until,
+)
 from .inprocess import FeedSource, job_bytes, run_jobs
 
 PNG = (EXAMPLES / "red-square.png").read_bytes()
@@ -281,31 +288,14 @@ async def test_web_images_are_known_by_their_bytes(
 def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """gcp-storage-emulator on loopback with a bucket ``images``; the worker's image
     fetcher finds it through STORAGE_EMULATOR_HOST, as Google's clients do."""
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="images")
-    server.start()  # serves from its own thread
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with gcs_emulator_server("images") as (_, url):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        yield url
 
 
 async def upload(base: str, name: str, data: bytes) -> str:
     """Write (or overwrite) an object; its new generation."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{base}/upload/storage/v1/b/images/o",
-            params={"uploadType": "media", "name": name},
-            data=data,
-            headers={"Content-Type": "image/png"},
-        ) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
-        return str((await resp.json())["generation"])
+    return str((await gcs_upload(base, "images", name, data))["generation"])
 
 
 async def test_gs_objects_are_known_by_generation_and_checksum(

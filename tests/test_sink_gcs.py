@@ -10,7 +10,6 @@ sleeps; waits are events, ``wait_all_tasks_blocked`` or polling under ``fail_aft
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -27,32 +26,15 @@ from worker.settings import GcsSinkSettings, Settings
 from worker.simulator import Simulator
 from worker.sinks.gcs import GcsSink, default_replica, object_name, parse_gcs_url
 
+from .helpers import gcs_emulator_server, gcs_upload
+
 BUCKET = "results"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def _emulator_server() -> Iterator[tuple[Any, str]]:
-    from http.server import HTTPServer
-
-    from gcp_storage_emulator.server import create_server
-
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    # The emulator serves one request at a time from its own thread; socketserver's
-    # listen backlog of 5 would drop the SYNs of concurrent uploads (a 1 s retransmit).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(HTTPServer, "request_queue_size", 128)
-        server.start()
-    try:
-        yield server, f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()  # (takes up to 0.5 s: once per module, not per test)
+    with gcs_emulator_server(BUCKET) as server:  # stopping takes 0.5 s: once per module
+        yield server
 
 
 @pytest.fixture
@@ -205,16 +187,7 @@ async def proxy(emulator: str) -> AsyncIterator[Proxy]:
 
 
 async def _put(base: str, name: str, data: bytes) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{base}/upload/storage/v1/b/{BUCKET}/o",
-            params={"uploadType": "media", "name": name},
-            data=data,
-            headers={"Content-Type": "application/octet-stream"},
-        ) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
+    await gcs_upload(base, BUCKET, name, data, "application/octet-stream")
 
 
 async def stored(base: str, prefix: str = "") -> dict[str, bytes]:

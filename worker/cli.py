@@ -79,6 +79,12 @@ _LOADTEST_FLAGS = {
 }
 
 
+SINK_HELP = (
+    "jsonl:PATH, stdout:, gs://BUCKET/PREFIX, bq:PROJECT.DATASET.TABLE or "
+    "pubsub:projects/P/topics/T"
+)
+
+
 def _add_image_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images")
     g.add_argument("--allow-file-root", help="local image files are read only below this directory")
@@ -176,7 +182,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="know an image by its content (default) or by its URI alone",
     )
     st.add_argument("--store-ttl-s", type=float, help="stored answers lapse after this (0: never)")
-    st.add_argument(
+    sk = p.add_argument_group("sinks")
+    sk.add_argument(
         "--bq-create-table",
         action="store_true",
         default=None,
@@ -285,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--source", help="file:PATH, stdin: or pubsub:projects/P/subscriptions/S (default stdin:)"
     )
+    r.add_argument("--sink", help=SINK_HELP + " (default stdout:)")
     r.add_argument(
-        "--sink", help="jsonl:PATH, stdout: or pubsub:projects/P/topics/T (default stdout:)"
-    )
-    r.add_argument(
-        "--dead-letter", help="sink for failed jobs (default: jsonl beside the result file)"
+        "--dead-letter",
+        help="sink for failed jobs (default: beside the results, e.g. "
+        "out/results.dead-letter.jsonl or gs://B/P.dead-letter/)",
     )
     r.add_argument("--concurrency", help="max model requests in flight: an integer, or auto")
     r.add_argument("--min-concurrency", type=int, help="lower bound for --concurrency auto")
@@ -325,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("PORT") or 8080),
         help="listen port (default $PORT, else 8080)",
     )
-    sv.add_argument("--sink", help="jsonl:PATH, stdout: or pubsub:projects/P/topics/T")
+    sv.add_argument("--sink", help=SINK_HELP)
     sv.add_argument("--dead-letter", help="sink for failed jobs")
     sv.add_argument("--concurrency", help="max model requests in flight: an integer, or auto")
     sv.add_argument("--min-concurrency", type=int, help="lower bound for --concurrency auto")

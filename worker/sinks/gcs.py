@@ -66,7 +66,7 @@ from ..fetch import storage_endpoint
 from ..protocols import Record, SinkBase, TokenProvider
 from ..retry import RetryPolicy, RetryState, kind_for_status, retry_after_s, retry_call
 from ..settings import GcsSinkSettings
-from .jsonl import encode_records
+from .jsonl import add_ids, encode_records
 
 __all__ = [
     "CONTENT_TYPE",
@@ -612,8 +612,8 @@ class GcsSink(SinkBase):
             async for chunk in resp.content.iter_chunked(1 << 16):
                 lines = (carry + chunk).split(b"\n")
                 carry = lines.pop()
-                _ids_in(lines, ids)
-            _ids_in([carry], ids)
+                add_ids(lines, ids)
+            add_ids([carry], ids)
 
         status, raw, headers, token = await self._send("GET", url, consume=consume)
         if status == 404:
@@ -792,15 +792,3 @@ def _error_of(raw: bytes) -> tuple[str, str]:
     if isinstance(errors, list) and errors and isinstance(errors[0], dict):
         reason = str(errors[0].get("reason") or "")
     return reason, str(error.get("message") or "")[:200]
-
-
-def _ids_in(lines: Sequence[bytes], ids: set[str]) -> None:
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-            ids.add(rec["id"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -13,7 +13,7 @@ import anyio.to_thread
 from ..errors import ConfigError
 from ..protocols import Record, SinkBase
 
-__all__ = ["JsonlSink", "encode_records", "read_ids"]
+__all__ = ["JsonlSink", "add_ids", "encode_records", "read_ids"]
 
 
 def encode_records(records: Sequence[Record]) -> bytes:
@@ -30,14 +30,20 @@ def read_ids(path: Path) -> set[str]:
     except FileNotFoundError:
         return ids
     with handle:
-        for line in handle:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                ids.add(rec["id"])
+        add_ids(handle, ids)
     return ids
+
+
+def add_ids(lines: Iterable[bytes], ids: set[str]) -> None:
+    """Add the ``id`` of every record among ``lines`` to ``ids``; a line that is not a
+    record (blank, torn, not JSON) is passed over."""
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            ids.add(rec["id"])
 
 
 class JsonlSink(SinkBase):
