@@ -5,9 +5,11 @@ checks the exact waits asked for, in no time."""
 from __future__ import annotations
 
 import email.utils
+import gc
 import time
 
 import aiohttp
+import anyio
 import pytest
 
 from worker.clock import ManualClock
@@ -188,3 +190,47 @@ def test_policies_are_checked() -> None:
         RetryPolicy(deadline_s=0)
     with pytest.raises(ValueError, match="backoff"):
         RetryPolicy(initial_backoff_s=2, max_backoff_s=1)
+
+
+async def test_calls_in_flight_together_keep_their_own_counts() -> None:
+    """Every call shares tenacity's machinery (one Retrying); calls that fail, wait and
+    retry interleaved must still count, wait and give up each on its own."""
+    policy = RetryPolicy(attempts=4, deadline_s=None, initial_backoff_s=0.001, max_backoff_s=0.002)
+    outcomes: dict[int, tuple[str, int]] = {}
+
+    async def one(i: int) -> None:
+        call = Script(*[_err(503) for _ in range(i % 6)])  # 0 to 5 failures, then "ok"
+        state = RetryState(started_at=time.monotonic())
+        try:
+            outcomes[i] = (await retry_call(call, policy, state=state), state.attempts)
+        except ModelError:
+            outcomes[i] = ("gave up", state.attempts)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(60):
+            tg.start_soon(one, i)
+    for i, outcome in outcomes.items():
+        failures = i % 6
+        assert outcome == (("ok", failures + 1) if failures < 4 else ("gave up", 4)), i
+    assert len(outcomes) == 60
+
+
+async def test_a_call_that_succeeds_leaves_nothing_for_the_cyclic_gc() -> None:
+    """Every job makes one call: a reference cycle per call (a Retrying built per call
+    is one) costs the collector ~40 us per job under load."""
+
+    async def ok() -> str:
+        return "ok"
+
+    policy = RetryPolicy()
+    await retry_call(ok, policy)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(200):
+            await retry_call(ok, policy)  # never suspends: nothing else runs meanwhile
+        gc.collect()
+        assert gc.garbage == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
