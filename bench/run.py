@@ -16,6 +16,9 @@ Scenarios (targets from issue 5):
   worker runs with ``--concurrency auto``; the naive baseline at a fixed, too-high 100.
   Target: >= 97 jobs/s, 0 jobs lost, <= 5% of requests answered 429.
 * P3: worker CPU ms per job, source to sink to ack (from P1; target <= 0.5 ms).
+* P4 (in P1's table): the worker with tracing on, every span exported with OTLP/HTTP to a
+  loopback collector that accepts and drops them, against the worker row (tracing off,
+  the default: its cost is an ``is None`` test per step).
 * P5: peak RSS with 1,000 jobs in flight (target <= 200 MB).
 """
 
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -106,8 +111,45 @@ def _sim_counts(root: str) -> tuple[int, int]:
     return int(stats["requests"]), int(stats["by_status"].get("429", 0))
 
 
-def run_client(root: str, client: str, jobs: int, concurrency: int | str) -> dict[str, Any]:
-    """One client, one process; adds the simulator's view (requests, 429s)."""
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that accepts every export and drops it."""
+
+    exports = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).exports += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def trace_collector() -> Iterator[dict[str, str]]:
+    """A loopback OTLP collector; yields the environment that sends a worker's traces
+    to it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{server.server_port}/v1/traces",
+        }
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_client(
+    root: str, client: str, jobs: int, concurrency: int | str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One client, one process; adds the simulator's view (requests, 429s). ``env``:
+    extra environment for the worker."""
     _get_json(root + "/stats/reset", post=True)
     # Vertex-shaped, so the worker sends the gs:// URIs as they are (as to Vertex AI).
     base_url = root + "/v1/projects/bench/locations/us-central1/endpoints/openapi"
@@ -120,7 +162,14 @@ def run_client(root: str, client: str, jobs: int, concurrency: int | str) -> dic
                 "--jobs", str(jobs), "--concurrency", str(concurrency),
                 "--progress", "off", "--report", str(report_path),
             ]  # fmt: skip
-            subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, timeout=900)
+            subprocess.run(
+                cmd,
+                cwd=REPO,
+                check=False,
+                capture_output=True,
+                timeout=900,
+                env={**os.environ, **(env or {})},
+            )
             rep = json.loads(report_path.read_text())
         result = {
             "client": "worker",
@@ -155,6 +204,8 @@ def run_client(root: str, client: str, jobs: int, concurrency: int | str) -> dic
 # The raw floor, the SDK floor (the worker's own client, a bare post loop), the naive
 # baseline and the worker, in that order: each ratio is to a floor measured in this run.
 P1_CLIENTS = ("minimal", "sdk", "naive", "worker")
+#: P4: the worker with every span exported (OTLP/HTTP to a loopback collector).
+TRACED = "worker, traced (P4)"
 
 
 def _row(*cells: object) -> str:
@@ -182,6 +233,11 @@ def main() -> int:
             for client in P1_CLIENTS:
                 say(f"P1: {client} ({n} jobs, concurrency 100, 200 ms) ...")
                 p1[client] = run_client(root, client, n, 100)
+            say(f"P4: worker with tracing on ({n} jobs, concurrency 100, 200 ms) ...")
+            with trace_collector() as otel_env:
+                p1[TRACED] = run_client(root, "worker", n, 100, env=otel_env)
+            p1[TRACED]["client"] = TRACED
+            p1[TRACED]["exports"] = _Collector.exports
         results["P1"] = p1
         floor, sdk = p1["minimal"], p1["sdk"]
         lines += [
@@ -201,7 +257,7 @@ def main() -> int:
             ),
             _row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"),
         ]
-        for client in P1_CLIENTS:
+        for client in (*P1_CLIENTS, TRACED):
             r = p1[client]
             lines.append(
                 _row(
@@ -215,6 +271,11 @@ def main() -> int:
                     f"{r['peak_rss_mb']:.0f}",
                 )
             )
+
+        lines.append(
+            f"P4: tracing on exported spans in {p1[TRACED]['exports']} OTLP requests to a "
+            "loopback collector; the worker row above runs with tracing off (the default)"
+        )
 
     if "P2" in only:
         n = int(1500 * scale)
