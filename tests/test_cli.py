@@ -164,6 +164,10 @@ async def test_make_run_configuration_describes_every_bundled_job(tmp_path: Path
         "config/local.toml",
         "--sink",
         f"jsonl:{sink}",
+        # The result store too, or the test would write out/store.sqlite in the checkout
+        # (and a later `make run` would find every answer stored).
+        "--store",
+        f"sqlite:{tmp_path / 'store.sqlite'}",
         # What `make run` shows at a terminal (JSON, the default off a TTY, has no
         # human summary line).
         "--log-format",

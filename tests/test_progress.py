@@ -372,7 +372,9 @@ def test_run_on_a_terminal_redraws_one_progress_line(tmp_path: Path) -> None:
     source = jobs_file(tmp_path, gs_jobs(200))
     # The bundled simulator, 50 ms a call, 8 at a time: 200 jobs last ~1.3 s.
     sink = f"jsonl:{tmp_path / 'out' / 'r.jsonl'}"
-    out = _run_on_pty(["run", "--config", "config/local.toml", "--source", source, "--sink", sink])
+    store = f"sqlite:{tmp_path / 'store.sqlite'}"  # not out/store.sqlite in the checkout
+    args = ["run", "--config", "config/local.toml", "--source", source, "--sink", sink]
+    out = _run_on_pty([*args, "--store", store])
     frames = re.findall(r"\r\[[#.]{20}\] (\d+)/200 \d+%  [^\r\n]*?\x1b\[K", out)
     assert len(frames) >= 2, out  # redrawn in place, carriage return first
     counts = [int(n) for n in frames]
@@ -391,6 +393,6 @@ def test_no_progress_on_a_terminal_shows_no_line(tmp_path: Path) -> None:
     source = jobs_file(tmp_path, gs_jobs(200))
     sink = f"jsonl:{tmp_path / 'out' / 'r.jsonl'}"
     args = ["run", "--config", "config/local.toml", "--source", source, "--sink", sink]
-    out = _run_on_pty([*args, "--no-progress"], WORKER_SIMULATOR__LATENCY_MS="5")
+    out = _run_on_pty([*args, "--store", "none", "--no-progress"], WORKER_SIMULATOR__LATENCY_MS="5")
     assert "done: 200 ok" in out
     assert "/200" not in out and "jobs/s (avg" not in out and "\x1b[K" not in out
