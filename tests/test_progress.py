@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import pytest
 
-from worker.cost import Prices
 from worker.errors import ConfigError
 from worker.pipeline import RunStats
 from worker.progress import (
@@ -35,7 +34,7 @@ from worker.progress import (
     format_line,
     resolve_mode,
 )
-from worker.settings import DEFAULT_MODEL, default_prices, load_settings
+from worker.settings import DEFAULT_MODEL, load_settings
 
 from .helpers import REPO, gs_jobs, jobs_file, worker_env
 
@@ -154,8 +153,7 @@ def _fake_pipeline(*, priced: bool = True) -> Any:
     return SimpleNamespace(
         stats=RunStats(),
         models=SimpleNamespace(
-            prices=Prices(default_prices()) if priced else None,
-            model=DEFAULT_MODEL,
+            priced=priced,
             in_use=0,
             limit=8,
             counts={"ok": 0, "rate_limited": 0},

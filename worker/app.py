@@ -360,7 +360,6 @@ async def run_pipeline(
         schemas=schemas if schemas else None,
         reuse=reuse,
         prompt=settings.model.prompt,
-        model_name=settings.model.model,
         tracing=tracing,
     )
     if models.budget is not None:

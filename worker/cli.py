@@ -12,12 +12,26 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 
 from .errors import ConfigError
-from .settings import EndpointSettings, Settings, load_settings, resolve_endpoints
+from .settings import (
+    TIERS,
+    AuthMode,
+    EndpointSettings,
+    ImageBackend,
+    ImageUrlForm,
+    InlineMode,
+    LogFormat,
+    LogLevel,
+    ProvisionedMode,
+    Settings,
+    StoreKey,
+    load_settings,
+    resolve_endpoints,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -90,12 +104,12 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-file-root", help="local image files are read only below this directory")
     g.add_argument(
         "--inline-images",
-        choices=("auto", "always", "never"),
+        choices=get_args(InlineMode),
         help="fetch images and send them inline (auto: all but gs:// and data: for Vertex AI)",
     )
     g.add_argument(
         "--image-backend",
-        choices=("auto", "vertex", "other"),
+        choices=get_args(ImageBackend),
         help="what --inline-images auto takes the backend to be (auto: from the base URL)",
     )
     g.add_argument(
@@ -122,7 +136,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--location", help="Vertex AI location, e.g. us-central1 or global")
     g.add_argument(
-        "--auth", choices=("google", "api-key", "none"), help="how to authenticate (default google)"
+        "--auth", choices=get_args(AuthMode), help="how to authenticate (default google)"
     )
     g.add_argument(
         "--api-key-env", help="env var holding the key for --auth api-key (default OPENAI_API_KEY)"
@@ -133,7 +147,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, help="max tokens of the answer (default: not sent)")
     g.add_argument("--timeout-s", type=float, help="per-request timeout in seconds (default 120)")
     g.add_argument(
-        "--image-url-form", choices=("string", "object"), help="shape of the image_url part"
+        "--image-url-form", choices=get_args(ImageUrlForm), help="shape of the image_url part"
     )
     q = p.add_argument_group("endpoints, tiers and cost")
     q.add_argument(
@@ -148,12 +162,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     q.add_argument(
         "--tier",
-        choices=("standard", "priority", "flex"),
+        choices=TIERS,
         help="Vertex AI consumption tier of jobs that name none (default standard)",
     )
     q.add_argument(
         "--provisioned",
-        choices=("auto", "only", "never"),
+        choices=get_args(ProvisionedMode),
         help="Provisioned Throughput: first (auto), only, or never (default auto)",
     )
     q.add_argument("--flex-timeout-s", type=float, help="timeout of flex requests (default 1200)")
@@ -178,7 +192,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     st.add_argument("--store", metavar="URI", help="none, sqlite:PATH or redis://HOST:PORT/DB")
     st.add_argument(
         "--store-key",
-        choices=("content", "uri"),
+        choices=get_args(StoreKey),
         help="know an image by its content (default) or by its URI alone",
     )
     st.add_argument("--store-ttl-s", type=float, help="stored answers lapse after this (0: never)")
@@ -189,8 +203,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bq: sinks: create the table (partitioned by finished_at) if it is missing",
     )
-    g.add_argument("--log-format", choices=("auto", "json", "text"), help="stderr log format")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
+    g.add_argument("--log-format", choices=get_args(LogFormat), help="stderr log format")
+    g.add_argument("--log-level", choices=get_args(LogLevel), help="log level")
 
 
 def _add_rate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

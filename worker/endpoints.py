@@ -203,6 +203,8 @@ class EndpointPool:
         self.observer = observer
         self.prices = prices
         self.model = model
+        #: Whether answers get a cost (the model has a price): else cost is unknown, None.
+        self.priced = prices is not None and prices.knows(model)
         self.budget = budget
         #: A span per attempt when tracing is on.
         self.tracing = tracing

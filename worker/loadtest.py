@@ -354,7 +354,7 @@ def _report(
             rtt_ms=round(limiter.rtt_s * 1000, 2),
         )
     spent = sum(models.spent_usd.values())
-    priced = models.prices is not None and models.prices.knows(models.model)
+    priced = models.priced
     endpoints = {
         ep.name: {
             "requests": sum(ep.limiter.counts.values()),

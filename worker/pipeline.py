@@ -29,7 +29,7 @@ from .protocols import Answer, Delivery, PipelineObserver, Record, Source
 from .retry import Kind, RetryPolicy, RetryState, retry_call
 from .reuse import Reuse, StoredAnswer, content_key, job_fingerprint
 from .schemas import Schemas, repair_prompt
-from .settings import DEFAULT_MODEL, DEFAULT_PROMPT, Tier
+from .settings import DEFAULT_PROMPT, Tier
 from .sinks.batch import BatchWriter
 from .tracing import Tracing
 
@@ -132,7 +132,6 @@ class Pipeline:
         schemas: Schemas | None = None,
         reuse: Reuse | None = None,
         prompt: str = DEFAULT_PROMPT,
-        model_name: str = DEFAULT_MODEL,
         tracing: Tracing | None = None,
     ) -> None:
         self.source = source
@@ -146,7 +145,6 @@ class Pipeline:
         #: Answers and records shared through the result store; None: no store.
         self.reuse = reuse
         self.prompt = prompt
-        self.model_name = model_name
         #: OpenTelemetry spans per job when tracing is on (worker/tracing.py); else None.
         self.tracing = tracing
         self.retry = retry
@@ -279,9 +277,8 @@ class Pipeline:
                     await deliveries.aclose()
         finally:
             self.stats.finished_at = time.monotonic()
-            models = self.models
-            if models.prices is not None and models.prices.knows(models.model):
-                self.stats.cost_usd = sum(models.spent_usd.values())
+            if self.models.priced:
+                self.stats.cost_usd = sum(self.models.spent_usd.values())
             self.stats.budget_exhausted = self.budget_exhausted
         return self.stats
 
@@ -416,7 +413,7 @@ class Pipeline:
                 key = content_key(
                     await self._identity(reuse, job.image_uri, url),
                     job.prompt or self.prompt,
-                    self.model_name,
+                    self.models.model,
                     {**settings, "schema": schema.digest if schema is not None else None},
                 )
                 image_key = key
@@ -499,7 +496,6 @@ class Pipeline:
     def _cached_record(
         self, job: Job, stored: StoredAnswer, tier: Tier, started: float, delivery: Delivery
     ) -> Record:
-        priced = self.models.prices is not None and self.models.prices.knows(self.model_name)
         answer = Answer(
             stored.text,
             stored.model,
@@ -507,7 +503,7 @@ class Pipeline:
             None,
             endpoint="",
             tier=tier,
-            cost_usd=0.0 if priced else None,
+            cost_usd=0.0 if self.models.priced else None,
         )
         record = result_record(
             job, answer, attempts=0, started_at=started, source=delivery.source_info

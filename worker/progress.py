@@ -270,7 +270,7 @@ class Progress:
         t0, d0 = samples[0]
         elapsed = max(0.0, now - self._started)
         models = p.models
-        priced = models.prices is not None and models.prices.knows(models.model)
+        priced = models.priced
         total = self.total
         return Figures(
             done=done,
