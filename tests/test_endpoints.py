@@ -14,6 +14,7 @@ import pytest
 
 from worker.app import run_worker
 from worker.auth import NoTokens
+from worker.clock import ManualClock
 from worker.endpoints import Endpoint, EndpointPool, Slot
 from worker.errors import DrainRequested, ModelError
 from worker.limits import AdaptiveLimiter, Limiter
@@ -116,6 +117,46 @@ async def test_acquire_waits_for_a_slot_and_gives_up_at_its_timeout(
     assert [s.endpoint.name for s in got] == [A]
     got[0].abandon()
     assert pool.in_use == 0  # no slot went to the waiter that had timed out
+
+
+class _Readings(Endpoint):
+    """An endpoint whose time to readiness is scripted: each reading takes the next of
+    ``readings``; the last one stays."""
+
+    readings: list[float]
+
+    def ready_in_s(self) -> float:
+        return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+
+
+async def test_a_pause_read_a_microsecond_before_its_end_still_wakes_the_waiter(
+    clients: dict[str, ModelClient],
+) -> None:
+    # Time passes between two readings of one pause. When the pool's timer fires a hair
+    # early (or a second 429 moved the pause a little later), the reading that turns the
+    # endpoint down says "1 us to go" and the next one "over". Arming the next timer from
+    # that second reading armed none: with nothing in flight, no release came either,
+    # and the waiting jobs stalled until their deadlines (a CI run: 38 of 60 jobs).
+    clock = ManualClock()
+    ep = _Readings(name=A, client=clients[A], limiter=Limiter(1, clock=clock))
+    ep.readings = [0.05]  # paused for another 50 ms, however often it is read
+    pool = EndpointPool([ep], clock=clock)
+    got: list[Slot] = []
+
+    async def wait_for_one() -> None:
+        got.append(await pool.acquire("standard"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_for_one)
+        await anyio.wait_all_tasks_blocked()
+        assert pool.waiting == 1
+        ep.readings = [1e-6, 0.0]  # when the timer fires: 1 us to go; after that, over
+        clock.advance(0.05)
+        clock.advance(0.001)
+        await anyio.wait_all_tasks_blocked()
+        assert pool.waiting == 0, "the endpoint is free and the request still waits"
+    assert [s.endpoint.name for s in got] == [A]
+    got[0].abandon()
 
 
 async def test_close_refuses_waiting_and_later_requests(clients: dict[str, ModelClient]) -> None:

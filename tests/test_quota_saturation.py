@@ -26,7 +26,7 @@ from worker.model import ModelClient
 from worker.settings import TIERS, Tier
 from worker.simulator import SimConfig, Simulator
 
-from .endpoint_helpers import metric_samples, outputs, telemetry
+from .endpoint_helpers import metric_samples, outputs, pool_of, telemetry
 from .helpers import gs_jobs, jobs_file, quick_settings
 
 WINDOW = QUOTA_429_WINDOW_S
@@ -157,8 +157,16 @@ async def test_saturation_is_high_when_the_quota_limits_throughput(tmp_path: Pat
         s.worker.source = jobs_file(tmp_path, gs_jobs(60))
         t = telemetry()
         stats = await run_worker(s.validate(), telemetry=t)
-        assert sim.stats().by_status.get(429, 0) > 0
-    assert stats.ok == 60
+        by_status = sim.stats().by_status
+        assert by_status.get(429, 0) > 0
+    pool = pool_of(t)
+    ep = pool.endpoints[0]
+    assert stats.ok == 60, (
+        by_status,
+        [d["error"]["message"] for d in outputs(s)[1][:5]],
+        pool.counts,
+        (ep.limiter.limit, ep.limiter.in_use, pool.waiting, ep.circuit.state),
+    )
     assert outputs(s)[1] == []
     assert t.quota_saturation > 0.5
     assert metric_samples(t, "worker_quota_saturation") == {(): t.quota_saturation}

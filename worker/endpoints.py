@@ -301,15 +301,17 @@ class EndpointPool:
         if self._closed:
             raise DrainRequested
         queue = self._queues[tier]
+        ready_in_s = math.inf
         if not queue:
-            ep = self._pick(tier)
+            ep, ready_in_s = self._pick(tier)
             if ep is not None:
                 return self._grant(ep, tier)
+        # (With others queued ahead, the timer for this tier is armed already.)
         self._seq += 1
         loop = asyncio.get_running_loop()
         waiter = _Waiter(tier, self._seq, loop.create_future())
         queue.append(waiter)
-        self._arm_timer()
+        self._arm_timer(ready_in_s)
         # The timeout is a timer that fails the waiter's own future, not a cancel scope
         # (anyio.fail_after): nearly every request waits here under load, and entering
         # and leaving a cancel scope with a deadline cost ~5 us more per request.
@@ -342,16 +344,30 @@ class EndpointPool:
             if expiry is not None:
                 expiry.cancel()
 
-    def _pick(self, tier: Tier) -> Endpoint | None:
+    def _pick(self, tier: Tier) -> tuple[Endpoint | None, float]:
+        """The endpoint for a ``tier`` request now, or None and the seconds until time
+        alone may give one (inf: only a release can).
+
+        The wait comes from the same reading of each endpoint that turned it down, and
+        the timer is armed from it. Read twice, the clock moves in between: a pause a
+        microsecond from its end turned an endpoint down here and read as over when the
+        timer was armed, so no timer was armed, and with nothing in flight no release
+        came either; the waiting jobs stalled until their deadlines (found by a CI run:
+        60 jobs against a 429-answering quota, 38 dead-lettered after 30 s)."""
         best: Endpoint | None = None
         best_load = math.inf
+        wait = math.inf
         for ep in self.endpoints:
-            if tier not in ep.tiers or not ep.limiter.has_room or ep.ready_in_s() > 0:
+            if tier not in ep.tiers or not ep.limiter.has_room:
+                continue
+            ready_in_s = ep.ready_in_s()
+            if ready_in_s > 0:
+                wait = min(wait, ready_in_s)
                 continue
             load = ep.load()
             if load < best_load:
                 best, best_load = ep, load
-        return best
+        return best, wait
 
     def _grant(self, ep: Endpoint, tier: Tier) -> Slot:
         ep.limiter.try_acquire()
@@ -366,17 +382,21 @@ class EndpointPool:
             self._again = True  # a release from inside a grant: go round once more
             return
         self._dispatching = True
+        wait = math.inf
         try:
             while True:
                 self._again = False
                 granted = False
+                # The last pass grants nothing: its waits cover every tier still waiting.
+                wait = math.inf
                 for tier, queue in self._queues.items():
                     while queue and queue[0].future.done():
                         queue.popleft()  # cancelled while waiting
                     if not queue:
                         continue
-                    ep = self._pick(tier)
+                    ep, ready_in_s = self._pick(tier)
                     if ep is None:
+                        wait = min(wait, ready_in_s)
                         continue
                     waiter = queue.popleft()
                     waiter.future.set_result(self._grant(ep, tier))
@@ -385,19 +405,11 @@ class EndpointPool:
                     break
         finally:
             self._dispatching = False
-        self._arm_timer()
+        self._arm_timer(wait)
 
-    def _arm_timer(self) -> None:
-        """Wake up when time alone (a pause, a backoff, a refill) may free a slot."""
-        wait = math.inf
-        for tier, queue in self._queues.items():
-            if not queue:
-                continue
-            for ep in self.endpoints:
-                if tier in ep.tiers:
-                    ready = ep.ready_in_s()
-                    if 0 < ready < wait:
-                        wait = ready
+    def _arm_timer(self, wait: float) -> None:
+        """Dispatch again in ``wait`` seconds, when time alone (a pause, a backoff, a
+        refill) may free a slot: the wait :meth:`_pick` read when it found none."""
         if wait == math.inf:
             return
         at = self._clock.now() + wait
