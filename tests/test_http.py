@@ -56,6 +56,7 @@ async def test_metrics_parse_and_agree_with_the_sink_and_dead_letter_files(
 ) -> None:
     sim.config.error_rate = 0.2  # 500/503 answers, retried to success
     sim.config.seed = 7
+    fast_settings.retry.max_attempts = 30  # none of 50 jobs fails 30 times in a row by chance
     good = gs_jobs(50, "g")
     bad = [json.dumps({"id": f"b{i}", "image_uri": f"ftp://x/{i}.png"}) for i in range(7)]
     fast_settings.worker.source = jobs_file(tmp_path, [*good, *bad, "not json"])

@@ -56,6 +56,10 @@ async def test_transient_errors_and_resets_are_retried_to_success(
     sim.config.error_rate = 0.3
     sim.config.reset_rate = 0.15
     sim.config.seed = 7
+    # About 0.4 of attempts fail, in an order the jobs' timing decides. With the default 8
+    # attempts, 0.4^8 per job made one job in 60 exhaust them in ~4% of runs; with 40 no
+    # run will (0.4^40 ~ 1e-16 per job).
+    fast_settings.retry.max_attempts = 40
     fast_settings.worker.source = jobs_file(tmp_path, gs_jobs(60))
 
     stats = await run_worker(fast_settings)
