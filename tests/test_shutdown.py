@@ -151,11 +151,17 @@ async def test_drain_time_with_200_jobs_in_flight(
         if e["message"] == "shutdown_complete"
     ]
     assert complete, "shutdown_complete was logged"
-    # The 200 calls under way at SIGTERM finished, were written and acked; jobs still
-    # waiting for a model slot went straight back to the subscription (counted as nacked)
-    # instead of starting calls the grace might cut short.
+    # The 200 calls under way at SIGTERM finished, were written and acked: every call
+    # made became a record. Every message the worker took was done or handed back, the
+    # jobs it had admitted (counted as nacked) among them. That jobs waiting for a slot
+    # go back without a call is checked exactly, one pipeline at a time, in
+    # test_pipeline.py; here the worker admits more between any count the test could
+    # take and the signal, so no count taken before it bounds the nacks (one did, and
+    # failed on a loaded machine).
     assert len(done) >= in_flight
-    assert complete[0]["nacked"] <= metrics["worker_jobs_in_flight"] - in_flight
+    assert sim.stats().requests == len(done)
+    assert emu.stats["deliveries"] == len(done) + emu.stats["nacks"]
+    assert complete[0]["nacked"] <= emu.stats["nacks"]
     assert metrics["worker_concurrency_limit"] == 200
     assert metrics["worker_model_requests_in_flight"] == 200
     assert metrics["worker_jobs_in_flight"] >= 200
