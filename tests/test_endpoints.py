@@ -56,6 +56,11 @@ async def _take(pool: EndpointPool, n: int) -> list[Slot]:
     return slots
 
 
+async def _acquire_into(pool: EndpointPool, got: list[Slot]) -> None:
+    """A request that waits for a slot; the slot it gets goes into ``got``."""
+    got.append(await pool.acquire("standard"))
+
+
 async def test_work_spreads_in_proportion_to_weight(
     regions: Simulator, clients: dict[str, ModelClient]
 ) -> None:
@@ -105,12 +110,8 @@ async def test_acquire_waits_for_a_slot_and_gives_up_at_its_timeout(
     assert info.value.kind == "transient"
     assert pool.waiting == 0  # the timed-out waiter left the queue
     got: list[Slot] = []
-
-    async def wait_for_one() -> None:
-        got.append(await pool.acquire("standard"))
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(wait_for_one)
+        tg.start_soon(_acquire_into, pool, got)
         await anyio.wait_all_tasks_blocked()
         assert pool.waiting == 1
         held.abandon()  # the release hands the slot straight to the waiter
@@ -142,12 +143,8 @@ async def test_a_pause_read_a_microsecond_before_its_end_still_wakes_the_waiter(
     ep.readings = [0.05]  # paused for another 50 ms, however often it is read
     pool = EndpointPool([ep], clock=clock)
     got: list[Slot] = []
-
-    async def wait_for_one() -> None:
-        got.append(await pool.acquire("standard"))
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(wait_for_one)
+        tg.start_soon(_acquire_into, pool, got)
         await anyio.wait_all_tasks_blocked()
         assert pool.waiting == 1
         ep.readings = [1e-6, 0.0]  # when the timer fires: 1 us to go; after that, over

@@ -382,7 +382,6 @@ class EndpointPool:
             self._again = True  # a release from inside a grant: go round once more
             return
         self._dispatching = True
-        wait = math.inf
         try:
             while True:
                 self._again = False
